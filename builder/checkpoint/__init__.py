@@ -1,0 +1,1 @@
+"""Hugging Face checkpoint reading, TensorRT-LLM checkpoint conversion, and tiny test models."""

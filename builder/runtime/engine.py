@@ -1,0 +1,214 @@
+"""LLMEngine: in-flight batching over a paged KV cache; add requests, step, stream new tokens, abort."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from builder.config import EngineConfig
+from builder.errors import ConfigError, RequestError
+from builder.runtime.block_manager import BlockManager
+from builder.runtime.model_runner import ModelRunner, num_kv_blocks
+from builder.runtime.sampler import Sampler
+from builder.runtime.sampling_params import SamplingParams
+from builder.runtime.scheduler import Scheduler, SchedulerOutput
+from builder.runtime.sequence import Sequence
+
+
+@dataclass
+class RequestOutput:
+    """What one request produced in one step: only the new tokens (streaming), and whether it is done."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None  # "length", "end_id", "stop_words" or "aborted"
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started; kv_blocks_free is the current free pool."""
+
+    steps: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    max_seqs_in_step: int = 0
+    multi_seq_steps: int = 0
+    mixed_steps: int = 0
+    requests_finished: int = 0
+    requests_aborted: int = 0
+    preemptions: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_free: int = 0
+
+
+class LLMEngine:
+    """Runs one engine folder; not thread-safe (feed it from one thread)."""
+
+    def __init__(self, engine_dir: str | Path, device: str = "cpu", kv_cache_memory_mb: float | None = None,
+                 max_num_tokens: int | None = None, max_batch_size: int | None = None) -> None:
+        """Load the engine; the overrides replace build_config.json's values of the same name."""
+        self.config = EngineConfig.load(Path(engine_dir))
+        build = self.config.build
+        self.max_num_tokens = _positive("max_num_tokens", max_num_tokens or build.max_num_tokens)
+        self.max_batch_size = _positive("max_batch_size", max_batch_size or build.max_batch_size)
+        self.device = torch.device(device)
+        num_blocks = num_kv_blocks(self.config, kv_cache_memory_mb or build.kv_cache_memory_mb)
+        self.block_manager = BlockManager(num_blocks, build.tokens_per_block)
+        self.scheduler = Scheduler(self.block_manager, self.max_batch_size, self.max_num_tokens)
+        self.runner = ModelRunner(Path(engine_dir), self.config, self.device, num_blocks)
+        self.sampler = Sampler()
+        self._stats = EngineStats(kv_blocks_total=num_blocks)
+        self._requests: dict[str, Sequence] = {}
+        self._generate_ids = itertools.count()
+
+    @property
+    def stats(self) -> EngineStats:
+        """A snapshot of the counters, with the current number of free KV blocks."""
+        self._stats.kv_blocks_free = self.block_manager.num_free_blocks
+        return EngineStats(**vars(self._stats))
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; RequestError if it is invalid or cannot fit this engine."""
+        if request_id in self._requests:
+            raise RequestError(f"request_id {request_id!r} is already in flight; use a unique id per request")
+        params.validate()
+        prompt = [int(t) for t in prompt_ids]
+        self._check_request(prompt, params)
+        seq = Sequence(request_id, prompt, params, generator=self._generator(params))
+        self._requests[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks; it produces no output afterwards. Unknown ids are ignored."""
+        seq = self._requests.pop(request_id, None)
+        if seq is None:
+            return
+        self.scheduler.abort(seq)
+        self._stats.requests_aborted += 1
+
+    def has_unfinished(self) -> bool:
+        """True while any request waits or runs."""
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """One iteration: schedule, run the mixed prefill/decode batch, sample, and report per-request progress."""
+        batch = self.scheduler.schedule()
+        self._stats.preemptions += batch.num_preempted
+        if not batch.chunks:
+            return []
+        logits = self.runner.run(batch, self.block_manager)
+        sampling = [c.seq for c in batch.chunks if c.samples]
+        tokens = self.sampler(logits, sampling)
+        for chunk in batch.chunks:
+            chunk.seq.num_computed_tokens += chunk.num_tokens
+        self._count(batch)
+        return [self._append(seq, token) for seq, token in zip(sampling, tokens)]
+
+    def generate(self, prompts: list[list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[list[int]]:
+        """Offline loop: run every prompt to completion on an idle engine and return each one's output ids."""
+        if self.has_unfinished():
+            raise RequestError("generate() needs an idle engine; drive in-flight requests with step() instead")
+        per_prompt = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise RequestError(f"generate() got {len(prompts)} prompts but {len(per_prompt)} SamplingParams; "
+                               "pass one per prompt or a single one for all")
+        ids = [f"generate-{next(self._generate_ids)}" for _ in prompts]
+        results: dict[str, list[int]] = {rid: [] for rid in ids}
+        try:
+            for rid, prompt, p in zip(ids, prompts, per_prompt):
+                self.add_request(rid, prompt, p)
+            while self.has_unfinished():
+                for out in self.step():
+                    results[out.request_id] += out.new_token_ids
+        finally:
+            for rid in ids:
+                self.abort(rid)
+        return [results[rid] for rid in ids]
+
+    def _check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise RequestError for prompts or parameters this engine cannot serve."""
+        build, vocab = self.config.build, self.config.model.vocab_size
+        if not prompt_ids:
+            raise RequestError("prompt is empty; send at least one input token")
+        if len(prompt_ids) > build.max_input_len:
+            raise RequestError(f"prompt has {len(prompt_ids)} tokens, more than the engine's max_input_len "
+                               f"({build.max_input_len}); shorten it or rebuild with a larger --max-input-len")
+        total = len(prompt_ids) + params.max_tokens
+        if total > build.max_seq_len:
+            raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                               f"exceeds the engine's max_seq_len ({build.max_seq_len}); lower max_tokens or "
+                               "rebuild with a larger --max-seq-len")
+        if self.block_manager.blocks_for(total) > self.block_manager.num_blocks:
+            raise RequestError(f"prompt + max_tokens = {total} tokens needs more KV blocks than the whole pool "
+                               f"({self.block_manager.num_blocks} blocks of {build.tokens_per_block}); lower "
+                               "max_tokens or raise kv_cache_memory_mb")
+        _check_ids("prompt", prompt_ids, vocab)
+        for word in params.bad_words:
+            _check_ids("bad_words", word, vocab)
+
+    def _generator(self, params: SamplingParams) -> torch.Generator | None:
+        """A per-request generator (seeded when params.seed is set) for sampled requests; None when greedy."""
+        if params.greedy:
+            return None
+        generator = torch.Generator(device=self.device)
+        if params.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(params.seed)
+        return generator
+
+    def _append(self, seq: Sequence, token: int) -> RequestOutput:
+        """Apply one sampled token: stop on end_id (token dropped), stop words or length; build the output."""
+        params = seq.params
+        if token == params.end_id and len(seq.output_ids) >= params.min_tokens:
+            return self._finish(seq, [], "end_id")
+        seq.append_token(token)
+        if len(seq.output_ids) >= params.min_tokens and _ends_with_stop_word(seq.output_ids, params.stop_words):
+            return self._finish(seq, [token], "stop_words")
+        if len(seq.output_ids) >= params.max_tokens:
+            return self._finish(seq, [token], "length")
+        return RequestOutput(seq.request_id, [token], False)
+
+    def _finish(self, seq: Sequence, new_tokens: list[int], reason: str) -> RequestOutput:
+        """Finish seq, free its blocks and forget its id."""
+        self.scheduler.finish(seq, reason)
+        del self._requests[seq.request_id]
+        self._stats.requests_finished += 1
+        return RequestOutput(seq.request_id, new_tokens, True, reason)
+
+    def _count(self, batch: SchedulerOutput) -> None:
+        """Update the step counters."""
+        s = self._stats
+        num_seqs = len(batch.chunks)
+        prefill, decode = batch.num_prefill_tokens, batch.num_decode_tokens
+        s.steps += 1
+        s.prefill_tokens += prefill
+        s.decode_tokens += decode
+        s.max_seqs_in_step = max(s.max_seqs_in_step, num_seqs)
+        s.multi_seq_steps += num_seqs > 1
+        s.mixed_steps += prefill > 0 and decode > 0
+
+
+def _ends_with_stop_word(output_ids: list[int], stop_words: list[list[int]]) -> bool:
+    """True when the generated tokens end with one of the stop sequences."""
+    return any(len(word) <= len(output_ids) and output_ids[-len(word):] == word for word in stop_words)
+
+
+def _check_ids(what: str, ids: list[int], vocab_size: int) -> None:
+    """RequestError when a token id is outside [0, vocab_size)."""
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(f"{what} holds token id {bad[0]} outside the model's vocabulary [0, {vocab_size}); "
+                           "check the tokenizer matches the engine")
+
+
+def _positive(name: str, value: int) -> int:
+    """value, or ConfigError when it is not positive."""
+    if value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+    return value

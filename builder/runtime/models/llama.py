@@ -1,0 +1,137 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2) over a flat token batch with a paged KV cache."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import plugins
+from builder.config import ModelConfig
+from builder.errors import ConfigError
+
+LOGITS_CHUNK_ROWS = 8192  # vocab rows of lm_head upcast to float32 at a time
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Float32 RoPE inverse frequencies [head_size / 2], with linear or llama3 scaling computed as HF does."""
+    dim = cfg.head_size
+    inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rotary_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)
+    raise ConfigError(f"rotary_scaling type {kind!r} is not supported; use none, linear or llama3")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1 frequency-dependent scaling: long wavelengths divided by factor, the middle band interpolated."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_tables(cfg: ModelConfig, max_positions: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 cos/sin tables [max_positions, head_size] for rotate-half RoPE."""
+    freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * rope_inv_freq(cfg)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(device), emb.sin().to(device)
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer's tensors (TensorRT-LLM names in comments)."""
+
+    input_norm: torch.Tensor        # input_layernorm.weight
+    qkv: torch.Tensor               # attention.qkv.weight
+    qkv_bias: torch.Tensor | None   # attention.qkv.bias
+    dense: torch.Tensor             # attention.dense.weight
+    dense_bias: torch.Tensor | None  # attention.dense.bias
+    post_norm: torch.Tensor         # post_layernorm.weight
+    fc: torch.Tensor                # mlp.fc.weight (SiLU branch)
+    gate: torch.Tensor              # mlp.gate.weight
+    proj: torch.Tensor              # mlp.proj.weight
+    fc_bias: torch.Tensor | None
+    gate_bias: torch.Tensor | None
+    proj_bias: torch.Tensor | None
+
+    @classmethod
+    def from_weights(cls, weights: dict[str, torch.Tensor], layer: int) -> "LayerWeights":
+        """Pick layer `layer`'s tensors out of the engine's weight dict."""
+        p = f"transformer.layers.{layer}."
+        get = weights.get
+        return cls(weights[p + "input_layernorm.weight"], weights[p + "attention.qkv.weight"],
+                   get(p + "attention.qkv.bias"), weights[p + "attention.dense.weight"],
+                   get(p + "attention.dense.bias"), weights[p + "post_layernorm.weight"],
+                   weights[p + "mlp.fc.weight"], weights[p + "mlp.gate.weight"], weights[p + "mlp.proj.weight"],
+                   get(p + "mlp.fc.bias"), get(p + "mlp.gate.bias"), get(p + "mlp.proj.bias"))
+
+
+class LlamaModel:
+    """Forward pass of a Llama-family decoder; attention metadata and KV cache are passed in explicitly."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int,
+                 device: torch.device) -> None:
+        """Bind the weights and precompute the RoPE tables for positions < max_positions."""
+        if cfg.hidden_act != "silu" or cfg.position_embedding_type != "rope_gpt_neox":
+            raise ConfigError(f"model uses hidden_act={cfg.hidden_act!r}, position_embedding_type="
+                              f"{cfg.position_embedding_type!r}; this runtime runs silu + rope_gpt_neox models only")
+        self.cfg = cfg
+        self.embedding = weights["transformer.vocab_embedding.weight"]
+        self.final_norm = weights["transformer.ln_f.weight"]
+        self.lm_head = weights["lm_head.weight"]
+        self.layers = [LayerWeights.from_weights(weights, i) for i in range(cfg.num_hidden_layers)]
+        self.cos, self.sin = rope_tables(cfg, max_positions, device)
+        self.scale = cfg.head_size ** -0.5
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                meta: plugins.AttentionMetadata) -> torch.Tensor:
+        """Final-normed hidden states [T, H] of the flat batch; kv_cache is [layers, 2, blocks, tpb, nkv, d]."""
+        hidden = F.embedding(input_ids, self.embedding)
+        residual = None
+        for layer, weights in enumerate(self.layers):
+            if residual is None:
+                residual, normed = hidden, plugins.rms_norm(hidden, weights.input_norm, self.cfg.norm_epsilon)
+            else:
+                normed, residual = plugins.fused_add_rms_norm(hidden, residual, weights.input_norm,
+                                                              self.cfg.norm_epsilon)
+            hidden = self._attention(normed, positions, kv_cache[layer], meta, weights)
+            normed, residual = plugins.fused_add_rms_norm(hidden, residual, weights.post_norm, self.cfg.norm_epsilon)
+            hidden = self._mlp(normed, weights)
+        normed, _ = plugins.fused_add_rms_norm(hidden, residual, self.final_norm, self.cfg.norm_epsilon)
+        return normed
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [N, V] for hidden rows [N, H], upcasting lm_head a slice of the vocab at a time."""
+        hidden32 = hidden.float()
+        if self.lm_head.dtype == torch.float32:
+            return F.linear(hidden32, self.lm_head)
+        return torch.cat([F.linear(hidden32, self.lm_head[i:i + LOGITS_CHUNK_ROWS].float())
+                          for i in range(0, self.lm_head.shape[0], LOGITS_CHUNK_ROWS)], dim=-1)
+
+    def _attention(self, x: torch.Tensor, positions: torch.Tensor, layer_cache: torch.Tensor,
+                   meta: plugins.AttentionMetadata, w: LayerWeights) -> torch.Tensor:
+        """Fused QKV projection, RoPE, KV-cache store, paged attention and output projection."""
+        nq, nkv, d = self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_size
+        qkv = F.linear(x, w.qkv, w.qkv_bias)
+        q, k, v = qkv.split([nq * d, nkv * d, nkv * d], dim=-1)
+        q, k = plugins.rotary_embedding(q.view(-1, nq, d), k.view(-1, nkv, d), positions, self.cos, self.sin)
+        v = v.reshape(-1, nkv, d)
+        plugins.store_kv_cache(k, v, layer_cache[0], layer_cache[1], meta)
+        out = plugins.paged_attention(q, layer_cache[0], layer_cache[1], meta, self.scale)
+        return F.linear(out.reshape(-1, nq * d), w.dense, w.dense_bias)
+
+    def _mlp(self, x: torch.Tensor, w: LayerWeights) -> torch.Tensor:
+        """SwiGLU: proj(silu(fc(x)) * gate(x))."""
+        return F.linear(F.silu(F.linear(x, w.fc, w.fc_bias)) * F.linear(x, w.gate, w.gate_bias), w.proj, w.proj_bias)

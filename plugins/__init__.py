@@ -1,0 +1,51 @@
+"""Model ops with one dispatch point each: paged attention, KV-cache store, RMSNorm and rotary embedding.
+
+Every op takes and returns plain tensors plus an explicit AttentionMetadata (no global context). Today each op
+runs the torch reference in `plugins.reference`; Triton kernels for CUDA tensors plug in behind `_backend`.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from plugins import reference
+from plugins.metadata import AttentionMetadata
+
+__all__ = ["AttentionMetadata", "fused_add_rms_norm", "paged_attention", "rms_norm", "rotary_embedding",
+           "store_kv_cache"]
+
+
+def _backend(tensor: torch.Tensor) -> ModuleType:
+    """The op implementations for the device `tensor` lives on (the torch reference until GPU kernels exist)."""
+    return reference
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim: normalise in float32, cast back to x's dtype, scale by weight."""
+    return _backend(x).rms_norm(x, weight, eps)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (rms_norm(x + residual), x + residual): the residual add fused into the norm."""
+    return _backend(x).fused_add_rms_norm(x, residual, weight, eps)
+
+
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
+                     sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half (GPT-NeoX) RoPE of q [T, nq, d] and k [T, nkv, d] at `positions` from float32 cos/sin tables."""
+    return _backend(q).rotary_embedding(q, k, positions, cos_cache, sin_cache)
+
+
+def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   meta: AttentionMetadata) -> None:
+    """Write the new tokens' k/v [T, nkv, d] into the paged caches [blocks, tokens_per_block, nkv, d] in place."""
+    _backend(k).store_kv_cache(k, v, k_cache, v_cache, meta)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                    scale: float) -> torch.Tensor:
+    """Causal attention of the flat query batch q [T, nq, d] over each sequence's paged KV (prefill, chunk, decode)."""
+    return _backend(q).paged_attention(q, k_cache, v_cache, meta, scale)

@@ -1,0 +1,81 @@
+"""Sampler on hand-made logits: penalties, masks, greedy, top-k / top-p, seeds."""
+
+from __future__ import annotations
+
+import torch
+
+from builder.runtime.sampler import Sampler, banned_tokens, keep_top_k, keep_top_p, process_logits
+from builder.runtime.sampling_params import SamplingParams
+from builder.runtime.sequence import Sequence
+
+
+def make_seq(prompt: list[int], output: list[int] = (), seed: int | None = None, **params) -> Sequence:
+    """A sequence with a prompt, some output and params; a seeded generator when seed is given."""
+    s = Sequence("s", list(prompt), SamplingParams(seed=seed, **params))
+    for t in output:
+        s.append_token(t)
+    if seed is not None:
+        s.generator = torch.Generator().manual_seed(seed)
+    return s
+
+
+def test_greedy_is_argmax():
+    logits = torch.tensor([[0.1, 3.0, 2.0], [5.0, -1.0, 4.0]])
+    seqs = [make_seq([0]), make_seq([0], temperature=0.0, top_k=5)]
+    assert Sampler()(logits, seqs) == [1, 0]
+
+
+def test_repetition_penalty_matches_transformers():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    row = torch.randn(10, generator=torch.Generator().manual_seed(0))
+    s = make_seq([1, 2, 2], [5, 7], repetition_penalty=1.7)
+    ours = process_logits(row.clone(), s)
+    theirs = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([[1, 2, 2, 5, 7]]), row.clone()[None])[0]
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_presence_and_frequency_penalties_count_output_only():
+    s = make_seq([4], [1, 1, 3], presence_penalty=0.5, frequency_penalty=0.25)
+    row = process_logits(torch.zeros(5), s)
+    assert row.tolist() == [0.0, -1.0, 0.0, -0.75, 0.0]
+
+
+def test_bad_words_need_their_prefix():
+    assert banned_tokens([5, 6, 7], [[9], [6, 7, 8], [5, 8], [7, 4]]) == [9, 8, 4]
+    row = process_logits(torch.zeros(10), make_seq([5, 6], [7], bad_words=[[7, 3], [6, 2]]))
+    assert torch.isinf(row[3]) and not torch.isinf(row[2])
+
+
+def test_min_tokens_masks_end_id_until_reached():
+    row = process_logits(torch.zeros(4), make_seq([1], [3], end_id=2, min_tokens=2))
+    assert torch.isinf(row[2])
+    row = process_logits(torch.zeros(4), make_seq([1], [3, 3], end_id=2, min_tokens=2))
+    assert not torch.isinf(row).any()
+
+
+def test_top_k_and_top_p_filters():
+    row = torch.tensor([1.0, 4.0, 3.0, 2.0])
+    assert torch.isinf(keep_top_k(row, 2)).tolist() == [True, False, False, True]
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    assert torch.isinf(keep_top_p(probs, 0.75)).tolist() == [False, False, True, True]
+    assert torch.isinf(keep_top_p(probs, 0.1)).tolist() == [False, True, True, True]
+
+
+def test_sampling_respects_top_k_and_seed():
+    logits = torch.zeros(1, 50)
+    logits[0, :3] = 2.0
+    draws = [Sampler()(logits, [make_seq([0], seed=i, top_k=3)])[0] for i in range(30)]
+    assert set(draws) <= {0, 1, 2} and len(set(draws)) > 1
+    again = [Sampler()(logits, [make_seq([0], seed=i, top_k=3)])[0] for i in range(30)]
+    assert draws == again
+
+
+def test_seeded_row_does_not_depend_on_batch_neighbours():
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(1))
+    def draw(batch_rows, seqs):
+        return Sampler()(logits[batch_rows], seqs)
+    alone = [draw([1], [make_seq([0], seed=9, top_p=0.9, temperature=2.0)])[0] for _ in range(1)]
+    batched = draw([0, 1, 2], [make_seq([0], seed=3, top_k=5), make_seq([0], seed=9, top_p=0.9, temperature=2.0),
+                               make_seq([0])])
+    assert batched[1] == alone[0]

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny checkpoints, built repositories and running tritonservers (session-scoped, built once)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+@dataclass
+class RunningServer:
+    """A tritonserver started by a fixture, with what tests need to reach it."""
+
+    repo: Path
+    hf_dir: Path
+    grpc_url: str
+    metrics_port: int
+    max_seq_len: int
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """One tiny HF checkpoint folder per supported architecture."""
+    from builder.checkpoint.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("hf")
+    return {arch: make_tiny_model(root / arch, architecture=arch) for arch in ARCHITECTURES}
+
+
+def build_repo(hf_dir: Path, output: Path, **overrides) -> Path:
+    """Build a model repository from hf_dir with small test limits."""
+    from builder.build import BuildOptions, build
+    from builder.config import BuildSettings
+
+    values = dict(dtype="float32", max_batch_size=64, max_seq_len=256, max_num_tokens=256, kv_cache_memory_mb=8)
+    values.update(overrides)
+    build(BuildOptions(output=output, model=str(hf_dir), settings=BuildSettings(**values)))
+    return output
+
+
+@pytest.fixture(scope="session")
+def server_factory(tmp_path_factory, tiny_checkpoints):
+    """Start (once per architecture) a real tritonserver on free loopback ports; stopped at session end."""
+    from builder.serve import TritonServer, free_port
+
+    started: dict[str, RunningServer] = {}
+    handles = []
+
+    def start(arch: str) -> RunningServer:
+        if arch in started:
+            return started[arch]
+        repo = build_repo(tiny_checkpoints[arch], tmp_path_factory.mktemp("repo") / arch)
+        grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+        server = TritonServer(repo, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
+                              log_path=tmp_path_factory.mktemp("logs") / f"{arch}.log")
+        server.start()
+        handles.append(server)
+        server.wait_ready(timeout=300)
+        started[arch] = RunningServer(repo, tiny_checkpoints[arch], f"127.0.0.1:{grpc_port}", metrics_port, 256)
+        return started[arch]
+
+    yield start
+    for server in handles:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def llama_server(server_factory) -> RunningServer:
+    """The tiny-llama server."""
+    return server_factory("LlamaForCausalLM")

@@ -1,0 +1,158 @@
+"""Whole stack through a real tritonserver: ensemble and engine over gRPC, against HF transformers."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from conftest import ARCHITECTURES
+from triton_helpers import engine_inputs, ensemble_inputs, read_metrics, run_stream
+
+pytestmark = pytest.mark.server
+
+PROMPTS = [
+    "Hello",
+    "The quick brown fox jumps over the lazy dog while the server streams tokens",
+    "Café ünïcödé: 東京の天気は晴れ 🚀 ok",
+    " leading space and\nnew line",
+    "A GPU reads every weight once per decoded token, so batch size decides how much work each read buys. " * 3,
+]
+MAX_TOKENS = 24
+
+
+def hf_reference(hf_dir, prompt: str, max_tokens: int):
+    """(prompt ids, new ids, full decoded text) from transformers generate, greedy, fp32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    prompt_ids = tokenizer(prompt).input_ids
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False,
+                             attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long))
+    new_ids = out[0, len(prompt_ids):].tolist()
+    if tokenizer.eos_token_id in new_ids:
+        new_ids = new_ids[: new_ids.index(tokenizer.eos_token_id)]
+    return prompt_ids, new_ids, tokenizer.decode(out[0].tolist(), skip_special_tokens=True), tokenizer
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_greedy_ids_and_text_match_transformers(server_factory, arch):
+    """Greedy ids through tensorrt_llm and text through the ensemble equal transformers generate (fp32)."""
+    server = server_factory(arch)
+    for prompt in PROMPTS:
+        prompt_ids, hf_new, hf_text, tokenizer = hf_reference(server.hf_dir, prompt, MAX_TOKENS)
+        engine = run_stream(server.grpc_url, "tensorrt_llm", engine_inputs(
+            input_ids=prompt_ids, input_lengths=len(prompt_ids), request_output_len=MAX_TOKENS,
+            end_id=tokenizer.eos_token_id, streaming=False, exclude_input_in_output=True))
+        assert engine.error is None, engine.error
+        assert engine.tokens == hf_new, f"{arch} {prompt!r}"
+        text = run_stream(server.grpc_url, "ensemble", ensemble_inputs(
+            text_input=prompt, max_tokens=MAX_TOKENS, stream=False))
+        assert text.error is None, text.error
+        assert text.text == hf_text, f"{arch} {prompt!r}"
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM"])
+def test_streamed_text_equals_non_streamed(server_factory, arch):
+    """Joined streamed deltas equal the non-streamed text byte for byte; the prompt is never echoed."""
+    server = server_factory(arch)
+    for prompt in PROMPTS:
+        for seed in (0, 1):
+            sampling = dict(temperature=1.0, top_k=50, seed=seed)
+            whole = run_stream(server.grpc_url, "ensemble", ensemble_inputs(
+                text_input=prompt, max_tokens=MAX_TOKENS, stream=False, exclude_input_in_output=True, **sampling))
+            streamed = run_stream(server.grpc_url, "ensemble", ensemble_inputs(
+                text_input=prompt, max_tokens=MAX_TOKENS, stream=True, **sampling))
+            assert whole.error is None and streamed.error is None, (whole.error, streamed.error)
+            assert len(streamed.texts) > 1
+            assert streamed.text.encode() == whole.text.encode(), f"{arch} {prompt!r} seed {seed}"
+            echoed = run_stream(server.grpc_url, "ensemble", ensemble_inputs(
+                text_input=prompt, max_tokens=MAX_TOKENS, stream=False, exclude_input_in_output=False, **sampling))
+            assert echoed.text.endswith(whole.text) and len(echoed.text) > len(whole.text)
+
+
+def _concurrent(url: str, requests: list[dict]) -> list:
+    """Run every request on its own stream at the same time; results in request order."""
+    results = [None] * len(requests)
+
+    def worker(i: int) -> None:
+        results[i] = run_stream(url, "ensemble", ensemble_inputs(**requests[i]), request_id=str(i))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    return results
+
+
+def test_32_concurrent_streams_equal_alone_and_share_batches(llama_server):
+    """32 concurrent streaming requests return what they return alone, and the engine batched them."""
+    words = "the server streams tokens from a paged cache while new prompts join the running batch".split()
+    requests = []
+    for i in range(32):
+        prompt = " ".join(words[: 2 + (i * 7) % len(words)]) + f" request {i}"
+        sampling = dict(temperature=0.8, top_p=0.9, seed=100 + i) if i % 2 else {}
+        requests.append(dict(text_input=prompt, max_tokens=4 + (i * 5) % 40, stream=True, **sampling))
+    alone = [run_stream(llama_server.grpc_url, "ensemble", ensemble_inputs(**r)) for r in requests]
+    before = read_metrics(llama_server.metrics_port)
+    together = _concurrent(llama_server.grpc_url, requests)
+    after = read_metrics(llama_server.metrics_port)
+    for i, (a, t) in enumerate(zip(alone, together)):
+        assert a.error is None and t is not None and t.error is None, (i, a.error, t and t.error)
+        assert t.text == a.text, f"request {i}"
+    assert after["builder_engine_multi_seq_steps_total"] > before["builder_engine_multi_seq_steps_total"]
+    assert after["builder_engine_max_seqs_in_step"] >= 8
+    assert after["builder_engine_mixed_steps_total"] > before["builder_engine_mixed_steps_total"]
+    _wait_kv_free(llama_server.metrics_port)
+
+
+def _wait_kv_free(metrics_port: int, timeout: float = 30.0) -> None:
+    """Wait until every KV block is back in the pool."""
+    deadline = time.time() + timeout
+    while True:
+        m = read_metrics(metrics_port)
+        if m["builder_kv_cache_blocks_free"] == m["builder_kv_cache_blocks_total"] and m["builder_requests_active"] == 0:
+            return
+        assert time.time() < deadline, f"KV blocks not freed: {m['builder_kv_cache_blocks_free']} of " \
+                                       f"{m['builder_kv_cache_blocks_total']}"
+        time.sleep(0.2)
+
+
+def test_cancelled_streams_free_the_kv_pool(llama_server):
+    """Clients that close their stream mid-way get their sequences aborted and their KV blocks returned."""
+    before = read_metrics(llama_server.metrics_port)
+    threads = []
+    for i in range(6):
+        inputs = ensemble_inputs(text_input=f"cancel me {i} " * 5, max_tokens=200, stream=True)
+        threads.append(threading.Thread(target=run_stream, args=(llama_server.grpc_url, "ensemble", inputs),
+                                        kwargs=dict(request_id=f"c{i}", cancel_after=3)))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    _wait_kv_free(llama_server.metrics_port)
+    after = read_metrics(llama_server.metrics_port)
+    assert after["builder_engine_requests_aborted_total"] >= before["builder_engine_requests_aborted_total"] + 6
+
+
+def test_bad_requests_get_errors_and_server_keeps_serving(llama_server):
+    """Invalid inputs are answered with a readable error; the next good request still works."""
+    url = llama_server.grpc_url
+    cases = [
+        (dict(text_input="", max_tokens=8), "empty"),
+        (dict(text_input="hi", max_tokens=0), "max_tokens"),
+        (dict(text_input="hi", max_tokens=-3), "max_tokens"),
+        (dict(text_input="hi", max_tokens=8, top_p=-0.5), "top_p"),
+        (dict(text_input="hi " * 20, max_tokens=llama_server.max_seq_len), "max_seq_len"),
+    ]
+    for request, needle in cases:
+        for stream in (False, True):
+            result = run_stream(url, "ensemble", ensemble_inputs(stream=stream, **request))
+            assert result.error is not None and needle in result.error, (request, result.error)
+    good = run_stream(url, "ensemble", ensemble_inputs(text_input="still serving", max_tokens=8, stream=True))
+    assert good.error is None and good.text
+    _wait_kv_free(llama_server.metrics_port)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from builder.config import BuildSettings, EngineConfig
@@ -41,6 +41,12 @@ def resolve_model_dir(model: str, scratch: Path) -> Path:
     return path
 
 
+def precheck_settings(settings: BuildSettings) -> None:
+    """Validate the options as given, before any work (limits left at 0 are filled from the checkpoint later)."""
+    seq_len = settings.max_seq_len or max(settings.max_input_len, 1)
+    replace(settings, max_seq_len=seq_len, max_input_len=settings.max_input_len or 1).validate()
+
+
 def resolve_settings(settings: BuildSettings, hf_config: dict) -> BuildSettings:
     """Fill settings left at 0 from the checkpoint (max_seq_len from max_position_embeddings) and validate."""
     if settings.max_seq_len <= 0:
@@ -54,7 +60,6 @@ def resolve_settings(settings: BuildSettings, hf_config: dict) -> BuildSettings:
                           "sliding-window attention is not supported yet, so use --max-seq-len <= the window")
     if settings.max_input_len <= 0:
         settings.max_input_len = settings.max_seq_len
-    settings.max_input_len = min(settings.max_input_len, settings.max_seq_len)
     settings.validate()
     return settings
 
@@ -77,6 +82,7 @@ def build(options: BuildOptions) -> EngineConfig:
 
     output = options.output.expanduser().resolve()
     check_output(output, options.force)
+    precheck_settings(options.settings)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.building-", dir=output.parent))
     try:

@@ -51,9 +51,22 @@ def make_tiny_model(dest_dir: Path, architecture: str = "LlamaForCausalLM", seed
     dest_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(spec)
     model = _build_model(architecture, spec, tokenizer, seed)
-    model.save_pretrained(dest_dir, max_shard_size=MAX_SHARD_SIZE)
+    _save_quietly(model, dest_dir)
     tokenizer.save_pretrained(dest_dir)
     return dest_dir
+
+
+def _save_quietly(model, dest_dir: Path) -> None:
+    """save_pretrained without transformers' shard progress bar (the CLI keeps stderr for errors)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(dest_dir, max_shard_size=MAX_SHARD_SIZE)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def build_tokenizer(spec: TinySpec):

@@ -1,0 +1,94 @@
+"""Integer weight quantization: int4 packing, group-wise int4 (AWQ layout) and per-channel W8A16/W4A16.
+
+Two conventions live here on purpose:
+- group-wise int4 follows ModelOpt's export (scale = amax/7, round half to even, clamp to [-8, 7]);
+- per-channel W8A16/W4A16 follows TensorRT-LLM's build-time quantizer (`symmetric_quantize` in
+  cutlass_preprocessors.cpp: scale = amax/128 or amax/8, round half away from zero, clamp to the signed range,
+  scale stored in the model dtype), because trtllm-build quantizes those checkpoints itself (see decisions.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from builder.errors import ConfigError
+
+INT4_MIN, INT4_MAX = -8, 7
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack int4 values [out, in] (int8 in [-8, 7]) into int8 [out/2, in]: row 2r low nibble, row 2r+1 high."""
+    if q.dim() != 2 or q.shape[0] % 2:
+        raise ConfigError(f"int4 packing needs a 2-D tensor with an even number of rows, got {tuple(q.shape)}")
+    q = q.to(torch.int16)
+    low, high = q[0::2] & 0x0F, q[1::2] & 0x0F
+    packed = low | (high << 4)
+    return torch.where(packed > 127, packed - 256, packed).to(torch.int8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4: int8 [out/2, in] -> signed int4 values as int8 [out, in]."""
+    p = packed.to(torch.int16) & 0xFF
+    low, high = p & 0x0F, p >> 4
+    low = torch.where(low > 7, low - 16, low)
+    high = torch.where(high > 7, high - 16, high)
+    out = torch.stack((low, high), dim=1).reshape(packed.shape[0] * 2, packed.shape[1])
+    return out.to(torch.int8)
+
+
+def groupwise_scales(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per-group int4 scales fp32 [out, in/g] = amax/7 (all-zero groups get 1.0, as ModelOpt does)."""
+    out_features, in_features = weight.shape
+    if in_features % group_size:
+        raise ConfigError(f"in_features {in_features} is not a multiple of group size {group_size}; "
+                          "use a group size that divides it or exclude the layer")
+    amax = weight.float().reshape(out_features, in_features // group_size, group_size).abs().amax(dim=-1)
+    scales = amax / INT4_MAX
+    return torch.where(scales == 0, torch.ones_like(scales), scales)
+
+
+def quantize_int4_groupwise(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Quantize [out, in] with fp32 [out, in/g] scales to int4 values (int8 [out, in], unpacked)."""
+    expanded = _expand_groups(scales, weight.shape[1])
+    return torch.round(weight.float() / expanded).clamp(INT4_MIN, INT4_MAX).to(torch.int8)
+
+
+def dequantize_int4_groupwise(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Unpacked int4 values [out, in] times their group scales -> float32 [out, in]."""
+    return q.float() * _expand_groups(scales.float(), q.shape[1])
+
+
+def fake_quantize_int4_groupwise(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Quantize-dequantize [out, in] group-wise (float32 result); used by the AWQ search."""
+    scales = groupwise_scales(weight, group_size)
+    return dequantize_int4_groupwise(quantize_int4_groupwise(weight, scales), scales)
+
+
+def _expand_groups(scales: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Repeat [out, in/g] group scales to [out, in]."""
+    return scales.repeat_interleave(in_features // scales.shape[1], dim=1)
+
+
+def weight_only_bits(algo: str) -> int:
+    """Bits per weight of a per-channel weight-only algo (W8A16 -> 8, W4A16 -> 4)."""
+    bits = {"W8A16": 8, "W4A16": 4}.get(algo)
+    if bits is None:
+        raise ConfigError(f"{algo} is not a per-channel weight-only algorithm; use W8A16 or W4A16")
+    return bits
+
+
+def weight_only_quantize(weight: torch.Tensor, bits: int,
+                         scale_dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
+    """TensorRT-LLM's per-output-channel quantizer: (int8 values [out, in], per_channel_scale [out])."""
+    qmax, weight = 2 ** (bits - 1), weight.detach()
+    scale = weight.float().abs().amax(dim=1) * (1.0 / qmax)
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    x = weight.float() / safe[:, None]
+    q = torch.sign(x) * torch.floor(x.abs() + 0.5)  # C round(): half away from zero
+    q = torch.where(scale[:, None] == 0, torch.zeros_like(q), q)
+    return q.clamp(-qmax, qmax - 1).to(torch.int8), scale.to(scale_dtype)
+
+
+def weight_only_dequantize(q: torch.Tensor, per_channel_scale: torch.Tensor) -> torch.Tensor:
+    """Int values [out, in] times the per-channel scale [out] -> float32 [out, in]."""
+    return q.float() * per_channel_scale.float()[:, None]

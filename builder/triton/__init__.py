@@ -1,0 +1,1 @@
+"""Triton python-backend models (preprocessing, tensorrt_llm, postprocessing) and the incremental detokenizer."""

@@ -1,0 +1,313 @@
+"""The `tensorrt_llm` model: builder.runtime's LLMEngine in Triton's python backend, decoupled.
+
+execute() only parses requests and queues them; one background thread owns the engine (it is not
+thread-safe): it admits new requests, drops cancelled ones, runs engine.step() and sends each request's
+responses through its response sender, then mirrors engine.stats into Triton custom metrics.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from builder.errors import BuilderError, RequestError
+from builder.triton.tensors import (
+    EngineRequest, engine_response, parameters, parse_bool, parse_engine_request, scalar)
+
+try:
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # outside Triton's python backend
+    pb_utils = None
+
+INPUTS = ("input_ids", "input_lengths", "request_output_len", "streaming", "end_id", "pad_id", "beam_width",
+          "runtime_top_k", "runtime_top_p", "temperature", "repetition_penalty", "presence_penalty",
+          "frequency_penalty", "min_tokens", "seed", "stop_words_list", "bad_words_list",
+          "exclude_input_in_output", "stop")
+IDLE_WAIT_S = 0.05  # how long the loop sleeps on an empty queue when no request is running
+SHUTDOWN_WAIT_S = 30.0
+METRICS_PERIOD_S = 0.05  # metric pushes are IPC calls: at most this often while busy, at once when idle
+DEFAULT_CANCEL_CHECK_MS = 100.0  # TensorRT-LLM's cancellation_check_period_ms default
+
+# (name, counter?, help, value from (EngineStats, number of active requests))
+METRICS: tuple[tuple[str, bool, str, Callable[[Any, int], float]], ...] = (
+    ("builder_engine_steps_total", True, "Engine iterations run", lambda s, a: s.steps),
+    ("builder_engine_multi_seq_steps_total", True, "Iterations that ran more than one sequence",
+     lambda s, a: s.multi_seq_steps),
+    ("builder_engine_mixed_steps_total", True, "Iterations with prefill and decode together",
+     lambda s, a: s.mixed_steps),
+    ("builder_engine_max_seqs_in_step", False, "Most sequences run in one iteration",
+     lambda s, a: s.max_seqs_in_step),
+    ("builder_engine_preemptions_total", True, "Sequences preempted for KV space", lambda s, a: s.preemptions),
+    ("builder_engine_requests_finished_total", True, "Requests finished", lambda s, a: s.requests_finished),
+    ("builder_engine_requests_aborted_total", True, "Requests aborted (cancelled or stopped)",
+     lambda s, a: s.requests_aborted),
+    ("builder_engine_prefill_tokens_total", True, "Prompt tokens computed", lambda s, a: s.prefill_tokens),
+    ("builder_engine_decode_tokens_total", True, "Tokens decoded", lambda s, a: s.decode_tokens),
+    ("builder_kv_cache_blocks_total", False, "KV cache blocks in the pool", lambda s, a: s.kv_blocks_total),
+    ("builder_kv_cache_blocks_free", False, "KV cache blocks free now", lambda s, a: s.kv_blocks_free),
+    ("builder_requests_active", False, "Requests in the engine now", lambda s, a: a),
+)
+
+
+@dataclass
+class NewRequest:
+    """A parsed request on its way from execute() to the engine thread."""
+
+    triton_id: str
+    request: Any
+    sender: Any
+    parsed: EngineRequest
+
+
+@dataclass
+class StopRequest:
+    """A request with stop=true: cancel the in-flight requests that carry the same Triton request id.
+
+    When it also carries input_ids (`tail`), only requests whose sequence contains them are cancelled, so
+    two clients that happen to use the same request id do not cancel each other.
+    """
+
+    triton_id: str
+    sender: Any
+    tail: list[int] = field(default_factory=list)
+
+    def matches(self, act: "ActiveRequest") -> bool:
+        """True when act is a request this stop is meant for."""
+        return act.triton_id == self.triton_id and contains(act.parsed.prompt + act.generated, self.tail)
+
+
+@dataclass
+class ActiveRequest:
+    """A request the engine is running."""
+
+    triton_id: str
+    request: Any
+    sender: Any
+    parsed: EngineRequest
+    generated: list[int] = field(default_factory=list)
+
+
+class EngineMetrics:
+    """Triton custom metrics mirroring EngineStats (families are kept referenced, or Triton drops them)."""
+
+    def __init__(self, labels: dict[str, str]) -> None:
+        """Register one family and one labelled metric per METRICS entry."""
+        self.families = []
+        self.metrics = []
+        for name, counter, description, _ in METRICS:
+            kind = pb_utils.MetricFamily.COUNTER if counter else pb_utils.MetricFamily.GAUGE
+            family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
+            self.families.append(family)
+            self.metrics.append(family.Metric(labels=labels))
+        self.last = [0.0] * len(METRICS)
+
+    def update(self, stats: Any, active: int) -> None:
+        """Push the values that changed since the last update."""
+        for i, (metric, (_, counter, _, value_of)) in enumerate(zip(self.metrics, METRICS)):
+            value = float(value_of(stats, active))
+            if value == self.last[i]:
+                continue
+            if counter:
+                metric.increment(value - self.last[i])
+            else:
+                metric.set(value)
+            self.last[i] = value
+
+
+def contains(sequence: list[int], part: list[int]) -> bool:
+    """True when part occurs contiguously in sequence (always for an empty part)."""
+    n = len(part)
+    return n == 0 or any(sequence[i:i + n] == part for i in range(len(sequence) - n + 1))
+
+
+def send_error(sender: Any, message: str, code: int) -> None:
+    """Answer a request with an error and close it; a request that is already gone is ignored."""
+    try:
+        sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code)),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    except Exception:  # noqa: BLE001  the client may have gone away; nothing is left to answer
+        pass
+
+
+class TritonPythonModel:
+    """Triton python-backend model running LLMEngine on a background thread."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        """Load the engine named by gpt_model_path and start the engine thread."""
+        config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(config):
+            raise pb_utils.TritonModelException(
+                "tensorrt_llm must be decoupled (model_transaction_policy { decoupled: true }); rebuild the "
+                "repository with `builder build`")
+        params = parameters(config)
+        self.default_exclude = parse_bool(params.get("exclude_input_in_output"), False)
+        self.engine = self.load_engine(Path(args["model_repository"]) / params.get("gpt_model_path", "1/engine"),
+                                       params)
+        self.metrics = EngineMetrics({"model": args["model_name"], "version": args["model_version"]})
+        self.inbox: queue.Queue = queue.Queue()
+        self.active: dict[str, ActiveRequest] = {}
+        self.ids = itertools.count()
+        self.cancel_check_s = float(params.get("cancellation_check_period_ms") or DEFAULT_CANCEL_CHECK_MS) / 1000
+        self.last_cancel_check = self.last_metrics = 0.0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run_loop, name="builder-engine", daemon=True)
+        self.thread.start()
+
+    def load_engine(self, engine_dir: Path, params: dict[str, str]) -> Any:
+        """The runtime engine for engine_dir (device and KV pool size from the parameters)."""
+        from builder.runtime.engine import LLMEngine
+
+        kv_mb = params.get("kv_cache_memory_mb")
+        return LLMEngine(engine_dir, device=params.get("device") or "cpu",
+                         kv_cache_memory_mb=float(kv_mb) if kv_mb else None)
+
+    def execute(self, requests: list) -> None:
+        """Queue each request for the engine thread; answer malformed ones with an error right away."""
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self.inbox.put(self.parse(request, sender))
+            except BuilderError as exc:
+                send_error(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
+        return None
+
+    def parse(self, request: Any, sender: Any) -> NewRequest | StopRequest:
+        """Read a request's tensors into a NewRequest or StopRequest; RequestError when invalid."""
+        inputs = {}
+        for name in INPUTS:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is not None:
+                inputs[name] = tensor.as_numpy()
+        if scalar(inputs, "stop", False):
+            if not request.request_id():
+                raise RequestError("stop=true needs the request id of the request to cancel; send it as the "
+                                   "Triton request id")
+            tail = [int(t) for t in inputs["input_ids"].reshape(-1)] if "input_ids" in inputs else []
+            return StopRequest(request.request_id(), sender, tail[:scalar(inputs, "input_lengths", len(tail))])
+        return NewRequest(request.request_id(), request, sender,
+                          parse_engine_request(inputs, self.default_exclude))
+
+    def run_loop(self) -> None:
+        """The engine thread: admit, drop cancelled, step, respond, update metrics; until finalize."""
+        while not self.stopping.is_set():
+            try:
+                self.admit(wait=not self.engine.has_unfinished())
+                self.drop_cancelled()
+                if self.engine.has_unfinished():
+                    self.step()
+                self.update_metrics()
+            except Exception as exc:  # noqa: BLE001  an engine bug must not kill the loop
+                pb_utils.Logger.log_error(f"tensorrt_llm engine step failed: {exc!r}")
+                self.fail_all(f"the engine failed ({exc}); the request was dropped, retry it",
+                              pb_utils.TritonError.INTERNAL)
+        self.fail_all("the server is shutting down; retry on another server", pb_utils.TritonError.UNAVAILABLE)
+
+    def admit(self, wait: bool) -> None:
+        """Move queued requests into the engine (waiting briefly for one when idle)."""
+        try:
+            item = self.inbox.get(timeout=IDLE_WAIT_S) if wait else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self.handle(item)
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def handle(self, item: NewRequest | StopRequest) -> None:
+        """Add a new request to the engine, or carry out a stop request."""
+        if isinstance(item, StopRequest):
+            self.cancel(item.matches, "stopped by a stop=true request")
+            item.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
+        request_id = str(next(self.ids))
+        try:
+            self.engine.add_request(request_id, item.parsed.prompt, item.parsed.params)
+        except RequestError as exc:
+            send_error(item.sender, str(exc), pb_utils.TritonError.INVALID_ARG)
+            return
+        self.active[request_id] = ActiveRequest(item.triton_id, item.request, item.sender, item.parsed)
+
+    def cancel(self, match: Callable[[ActiveRequest], bool], reason: str) -> None:
+        """Abort every active request that matches (frees its KV blocks) and close it as cancelled."""
+        for request_id, act in list(self.active.items()):
+            if match(act):
+                self.engine.abort(request_id)
+                del self.active[request_id]
+                send_error(act.sender, f"request cancelled: {reason}", pb_utils.TritonError.CANCELLED)
+
+    def drop_cancelled(self) -> None:
+        """Abort requests whose client cancelled them (closed stream, timeout, stop_stream(cancel_requests)).
+
+        Each is_cancelled() is an IPC round trip (~0.1 ms), so requests are checked every
+        cancellation_check_period_ms (TensorRT-LLM's parameter; 0 checks every step).
+        """
+        now = time.monotonic()
+        if now - self.last_cancel_check < self.cancel_check_s:
+            return
+        self.last_cancel_check = now
+        self.cancel(lambda act: act.request.is_cancelled(), "the client cancelled it")
+
+    def update_metrics(self) -> None:
+        """Mirror engine.stats into the metrics: throttled while requests run, at once when idle."""
+        now = time.monotonic()
+        if self.engine.has_unfinished() and now - self.last_metrics < METRICS_PERIOD_S:
+            return
+        self.last_metrics = now
+        self.metrics.update(self.engine.stats, len(self.active))
+
+    def step(self) -> None:
+        """One engine iteration; send what each request produced."""
+        for out in self.engine.step():
+            act = self.active.get(out.request_id)
+            if act is None:
+                continue
+            act.generated += out.new_token_ids
+            if out.finished:
+                del self.active[out.request_id]
+            tensors = engine_response(act.parsed.prompt, act.generated, len(out.new_token_ids), act.parsed,
+                                      out.finished)
+            if tensors is not None:
+                self.send(act, tensors, out.finished)
+
+    def send(self, act: ActiveRequest, tensors: dict, final: bool) -> None:
+        """Send one response (the last one carries the FINAL flag together with its data)."""
+        response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in tensors.items()])
+        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+        try:
+            act.sender.send(response, flags=flags)
+        except Exception as exc:  # noqa: BLE001  e.g. the client went away between two steps
+            pb_utils.Logger.log_warn(f"tensorrt_llm could not send a response ({exc}); cancelling the request")
+            for request_id, other in list(self.active.items()):
+                if other is act:
+                    self.engine.abort(request_id)
+                    del self.active[request_id]
+
+    def fail_all(self, message: str, code: int) -> None:
+        """Abort every active and queued request with an error."""
+        for request_id, act in list(self.active.items()):
+            self.engine.abort(request_id)
+            send_error(act.sender, message, code)
+        self.active.clear()
+        while True:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            send_error(item.sender, message, code)
+
+    def finalize(self) -> None:
+        """Stop the engine thread (requests still running get an error), then the engine (TP workers too)."""
+        self.stopping.set()
+        self.thread.join(timeout=SHUTDOWN_WAIT_S)
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()

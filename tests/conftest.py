@@ -38,7 +38,8 @@ def build_repo(hf_dir: Path, output: Path, **overrides) -> Path:
     from builder.build import BuildOptions, build
     from builder.config import BuildSettings
 
-    values = dict(dtype="float32", max_batch_size=64, max_seq_len=256, max_num_tokens=256, kv_cache_memory_mb=8)
+    values = dict(dtype="float32", max_batch_size=64, max_input_len=128, max_seq_len=256, max_num_tokens=256,
+                  kv_cache_memory_mb=8)
     values.update(overrides)
     build(BuildOptions(output=output, model=str(hf_dir), settings=BuildSettings(**values)))
     return output

@@ -38,6 +38,16 @@ def hf_reference(hf_dir, prompt: str, max_tokens: int):
     return prompt_ids, new_ids, tokenizer.decode(out[0].tolist(), skip_special_tokens=True), tokenizer
 
 
+def expected_text(hf_dir, hf_text: str, ids: list[int]) -> str:
+    """transformers' text, except where it decodes an invalid byte-fallback run: there HF's ByteFallback turns the
+    whole run (valid bytes included) into U+FFFD, while ours replaces only the invalid bytes (docs/decisions.md)."""
+    if "\ufffd" not in hf_text:
+        return hf_text
+    from builder.triton.detokenizer import load_detokenizer
+
+    return load_detokenizer(hf_dir).decode(ids)
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_greedy_ids_and_text_match_transformers(server_factory, arch):
     """Greedy ids through tensorrt_llm and text through the ensemble equal transformers generate (fp32)."""
@@ -52,7 +62,7 @@ def test_greedy_ids_and_text_match_transformers(server_factory, arch):
         text = run_stream(server.grpc_url, "ensemble", ensemble_inputs(
             text_input=prompt, max_tokens=MAX_TOKENS, stream=False))
         assert text.error is None, text.error
-        assert text.text == hf_text, f"{arch} {prompt!r}"
+        assert text.text == expected_text(server.hf_dir, hf_text, prompt_ids + hf_new), f"{arch} {prompt!r}"
 
 
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM"])
@@ -127,7 +137,7 @@ def test_cancelled_streams_free_the_kv_pool(llama_server):
     before = read_metrics(llama_server.metrics_port)
     threads = []
     for i in range(6):
-        inputs = ensemble_inputs(text_input=f"cancel me {i} " * 5, max_tokens=200, stream=True)
+        inputs = ensemble_inputs(text_input=f"cancel me {i} " * 5, max_tokens=200, min_tokens=200, stream=True)
         threads.append(threading.Thread(target=run_stream, args=(llama_server.grpc_url, "ensemble", inputs),
                                         kwargs=dict(request_id=f"c{i}", cancel_after=3)))
     for thread in threads:

@@ -251,14 +251,20 @@ class TritonServer:
         self.stop()
 
 
+def _interrupt(signum: int, frame) -> None:
+    """Turn SIGTERM into the same clean stop as Ctrl-C."""
+    raise KeyboardInterrupt
+
+
 def serve_forever(repo: Path, grpc_port: int = 8001, http_port: int = 8000, metrics_port: int = 8002,
                   log_path: Path | None = None, ready_timeout: float = 300.0) -> int:
     """Run tritonserver on repo until it exits or Ctrl-C; print the endpoints once ready. Returns its exit code."""
     server = TritonServer(Path(repo), grpc_port, http_port, metrics_port, log_path)
+    signal.signal(signal.SIGTERM, _interrupt)
     server.start()
     try:
         server.wait_ready(ready_timeout)
-        print(f"Triton is serving {repo}\n  gRPC    {server.grpc_url}  (streaming: model \"ensemble\")\n"
+        print(f"builder: ready: Triton is serving {repo}\n  gRPC    {server.grpc_url}  (streaming: model \"ensemble\")\n"
               f"  HTTP    {server.http_url}\n  metrics {server.metrics_url}\n  log     {server.log_path}\n"
               "Press Ctrl-C to stop.", flush=True)
         return server.process.wait() if server.process is not None else 0

@@ -26,6 +26,7 @@ class BuildOptions:
     model: str = "tiny-llama"
     force: bool = False
     settings: BuildSettings = field(default_factory=BuildSettings)
+    tp_size: int = 1  # tensor parallelism: rank{0..tp_size-1}.safetensors, mapping.world_size = tp_size
 
 
 def resolve_model_dir(model: str, scratch: Path) -> Path:
@@ -90,7 +91,7 @@ def build(options: BuildOptions) -> EngineConfig:
         checkpoint = HFCheckpoint(hf_dir)
         settings = resolve_settings(options.settings, checkpoint.config)
         copy_tokenizer(hf_dir, staging / "tokenizer")
-        engine_config = convert_checkpoint(hf_dir, staging / "engine", settings)
+        engine_config = convert_checkpoint(hf_dir, staging / "engine", settings, tp_size=options.tp_size)
         repo = staging / "repository"
         render_repository(repo, engine_config, staging / "engine", staging / "tokenizer")
         validate_repository(repo)

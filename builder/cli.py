@@ -29,6 +29,8 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache-free-gpu-mem-fraction", type=float, default=0.9,
                    help="share of free GPU memory for the KV cache on GPU")
     p.add_argument("--device", default="cpu", help="device the engine runs on when served (cpu, cuda)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel size: one weight shard and one process (GPU) per rank when served")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
 
 
@@ -83,7 +85,8 @@ def cmd_build(args: argparse.Namespace) -> int:
                              max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
                              tokens_per_block=args.tokens_per_block, kv_cache_memory_mb=args.kv_cache_memory_mb,
                              kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction, device=args.device)
-    config = build(BuildOptions(output=args.output, model=args.model, force=args.force, settings=settings))
+    config = build(BuildOptions(output=args.output, model=args.model, force=args.force, settings=settings,
+                                tp_size=args.tp))
     print(f"built {config.model.architecture} ({config.build.dtype}, max_seq_len {config.build.max_seq_len}) "
           f"-> {args.output}")
     print(f"serve it with: builder serve {args.output}")

@@ -117,6 +117,20 @@ class HFCheckpoint:
             raise CheckpointError(f"cannot read tensor {name} from {self.dir / file} ({exc}); "
                                   "the file is corrupt, download it again") from exc
 
+    def get_part(self, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
+        """name[start:stop] along dim (0 or 1), reading only that slice; the whole tensor when dim is None."""
+        if dim is None:
+            return self.get(name)
+        file = self._file(name)
+        if file not in self._handles:
+            self._handles[file] = safe_open(self.dir / file, framework="pt")
+        try:
+            part = self._handles[file].get_slice(name)
+            return part[start:stop] if dim == 0 else part[:, start:stop]
+        except Exception as exc:
+            raise CheckpointError(f"cannot read tensor {name} from {self.dir / file} ({exc}); "
+                                  "the file is corrupt, download it again") from exc
+
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) one at a time, file by file."""
         for name in sorted(self.weight_map, key=lambda n: (self.weight_map[n], n)):

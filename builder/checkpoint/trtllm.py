@@ -111,7 +111,7 @@ def model_config_from_hf(hf_config: dict[str, Any], dtype: str) -> ModelConfig:
 
 
 def expected_weights(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """TRT-LLM name -> shape of every tensor in rank0.safetensors for `cfg` (world size 1)."""
+    """TRT-LLM name -> full (unsplit) shape of every tensor; per-rank shapes: builder.checkpoint.shard.shard_shape."""
     h, v, i, d = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size, cfg.head_size
     qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d
     out: dict[str, tuple[int, ...]] = {"transformer.vocab_embedding.weight": (v, h)}

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import itertools
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from builder.config import EngineConfig
-from builder.errors import ConfigError, RequestError
+from builder.errors import BuilderError, ConfigError, RequestError
 from builder.runtime.block_manager import BlockManager
 from builder.runtime.model_runner import ModelRunner, num_kv_blocks
 from builder.runtime.sampler import Sampler
 from builder.runtime.sampling_params import SamplingParams
 from builder.runtime.scheduler import Scheduler, SchedulerOutput
 from builder.runtime.sequence import Sequence
+from builder.runtime.weights import check_mapping
 
 
 @dataclass
@@ -46,7 +48,12 @@ class EngineStats:
 
 
 class LLMEngine:
-    """Runs one engine folder; not thread-safe (feed it from one thread)."""
+    """Runs one engine folder; not thread-safe (feed it from one thread).
+
+    An engine built with tensor parallelism (config.json mapping.world_size N > 1) starts N-1 worker processes
+    (one per extra rank; cuda:k+r for rank r on CUDA) and stops them in close(), also called at interpreter exit.
+    The KV pool has the same block count on every rank: kv_cache_memory_mb per rank over its local KV heads.
+    """
 
     def __init__(self, engine_dir: str | Path, device: str = "cpu", kv_cache_memory_mb: float | None = None,
                  max_num_tokens: int | None = None, max_batch_size: int | None = None) -> None:
@@ -56,14 +63,51 @@ class LLMEngine:
         self.max_num_tokens = _positive("max_num_tokens", max_num_tokens or build.max_num_tokens)
         self.max_batch_size = _positive("max_batch_size", max_batch_size or build.max_batch_size)
         self.device = torch.device(device)
+        self.tp_size = check_mapping(self.config.model)
+        self._closed = False
         num_blocks = num_kv_blocks(self.config, kv_cache_memory_mb or build.kv_cache_memory_mb)
         self.block_manager = BlockManager(num_blocks, build.tokens_per_block)
         self.scheduler = Scheduler(self.block_manager, self.max_batch_size, self.max_num_tokens)
-        self.runner = ModelRunner(Path(engine_dir), self.config, self.device, num_blocks)
+        self._workers = None
+        self._finalizer: weakref.finalize | None = None
+        if self.tp_size > 1:
+            from builder.runtime.distributed import WorkerGroup
+
+            self._workers = WorkerGroup.start(Path(engine_dir), self.device, num_blocks, self.tp_size)
+            self._finalizer = weakref.finalize(self, self._workers.close)  # runs at exit if close() was not called
+            self.device = self._workers.device
+        try:
+            self.runner = ModelRunner(Path(engine_dir), self.config, self.device, num_blocks,
+                                      tp=self._workers.tp if self._workers else None,
+                                      broadcast=self._workers.send_step if self._workers else None)
+            if self._workers:
+                self._workers.wait_ready()
+        except BaseException:
+            self.close()
+            raise
         self.sampler = Sampler()
         self._stats = EngineStats(kv_blocks_total=num_blocks)
         self._requests: dict[str, Sequence] = {}
         self._generate_ids = itertools.count()
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the tensor-parallel worker ranks (empty for a single-rank engine)."""
+        return self._workers.pids if self._workers else []
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers and release the process group; idempotent, a no-op for one rank.
+
+        The engine cannot step afterwards."""
+        self._closed = True
+        if self._finalizer is not None:
+            self._finalizer()  # calls WorkerGroup.close once
+
+    def __enter__(self) -> "LLMEngine":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     @property
     def stats(self) -> EngineStats:
@@ -73,6 +117,7 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; RequestError if it is invalid or cannot fit this engine."""
+        self._check_open()
         if request_id in self._requests:
             raise RequestError(f"request_id {request_id!r} is already in flight; use a unique id per request")
         params.validate()
@@ -96,17 +141,38 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One iteration: schedule, run the mixed prefill/decode batch, sample, and report per-request progress."""
+        self._check_open()
         batch = self.scheduler.schedule()
         self._stats.preemptions += batch.num_preempted
         if not batch.chunks:
             return []
-        logits = self.runner.run(batch, self.block_manager)
+        logits = self._run(batch)
         sampling = [c.seq for c in batch.chunks if c.samples]
         tokens = self.sampler(logits, sampling)
         for chunk in batch.chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
         self._count(batch)
         return [self._append(seq, token) for seq, token in zip(sampling, tokens)]
+
+    def _run(self, batch: SchedulerOutput) -> torch.Tensor:
+        """The step's forward pass; under tensor parallelism a failure on any rank closes the engine."""
+        if self._workers is None:
+            return self.runner.run(batch, self.block_manager)
+        try:
+            return self.runner.run(batch, self.block_manager)
+        except BaseException as exc:
+            dead = self._workers.dead_ranks(wait=1.0) if isinstance(exc, Exception) else ""
+            self.close()  # the ranks are out of step now
+            if isinstance(exc, BuilderError) or not isinstance(exc, Exception):
+                raise
+            cause = f"{dead}: " if dead else ""
+            raise BuilderError(f"tensor-parallel step failed ({cause}{type(exc).__name__}: {exc}); the engine is "
+                               "closed, create a new one") from exc
+
+    def _check_open(self) -> None:
+        """RequestError once close() has been called."""
+        if self._closed:
+            raise RequestError("the engine is closed; create a new LLMEngine")
 
     def generate(self, prompts: list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[list[int]]:

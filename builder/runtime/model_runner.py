@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from builder.checkpoint.shard import local_heads
 from builder.config import EngineConfig
 from builder.errors import ConfigError
 from builder.runtime.block_manager import BlockManager
@@ -15,11 +18,28 @@ from builder.runtime.scheduler import SchedulerOutput
 from builder.runtime.weights import load_weights, torch_dtype
 from plugins import AttentionMetadata
 
+if TYPE_CHECKING:
+    from builder.runtime.distributed import TensorParallel
+
+
+@dataclass
+class StepInput:
+    """One step's flat batch as host lists: what rank 0 sends to the other tensor-parallel ranks."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    query_lens: list[int]
+    context_lens: list[int]
+    block_tables: list[list[int]]  # padded with block 0 to the longest table
+    last_rows: list[int]           # rows whose logits are sampled, in chunk order
+
 
 def kv_block_bytes(engine_config: EngineConfig) -> int:
-    """Bytes of one KV block across all layers (K and V)."""
+    """Bytes of one KV block across all layers (K and V) on one rank (its local KV heads under TP)."""
     m = engine_config.model
-    elements = m.num_hidden_layers * 2 * engine_config.build.tokens_per_block * m.num_key_value_heads * m.head_size
+    kv_heads = local_heads(m)[1]
+    elements = m.num_hidden_layers * 2 * engine_config.build.tokens_per_block * kv_heads * m.head_size
     return elements * torch.empty((), dtype=torch_dtype(m.dtype)).element_size()
 
 
@@ -34,27 +54,52 @@ def num_kv_blocks(engine_config: EngineConfig, kv_cache_memory_mb: float) -> int
 
 
 class ModelRunner:
-    """Runs the model on a SchedulerOutput and returns float32 logits for the sequences that sample."""
+    """Runs the model on a SchedulerOutput and returns float32 logits for the sequences that sample.
 
-    def __init__(self, engine_dir: Path, engine_config: EngineConfig, device: torch.device, num_blocks: int) -> None:
-        """Load weights onto device and allocate the KV cache [layers, 2, num_blocks, tpb, nkv, d]."""
+    Under tensor parallelism every rank has one ModelRunner over its shard; rank 0's `run` prepares the step,
+    hands it to `broadcast` (which sends it to the other ranks) and executes it; the others call `execute`.
+    """
+
+    def __init__(self, engine_dir: Path, engine_config: EngineConfig, device: torch.device, num_blocks: int,
+                 rank: int = 0, tp: "TensorParallel | None" = None,
+                 broadcast: Callable[[StepInput], None] | None = None) -> None:
+        """Load rank's weights onto device and allocate the KV cache [layers, 2, num_blocks, tpb, local nkv, d]."""
         m, b = engine_config.model, engine_config.build
         self.device = device
+        self.rank = rank
+        self.tp = tp if tp is not None and tp.world_size > 1 else None
+        self.broadcast = broadcast
+        self.vocab_size = m.vocab_size
         self.tokens_per_block = b.tokens_per_block
-        self.model = LlamaModel(m, load_weights(engine_dir, m, device), b.max_seq_len, device)
-        self.kv_cache = torch.zeros(m.num_hidden_layers, 2, num_blocks, b.tokens_per_block, m.num_key_value_heads,
+        all_reduce = self.tp.all_reduce if self.tp is not None else None
+        self.model = LlamaModel(m, load_weights(engine_dir, m, device, rank), b.max_seq_len, device, all_reduce)
+        self.kv_cache = torch.zeros(m.num_hidden_layers, 2, num_blocks, b.tokens_per_block, local_heads(m)[1],
                                     m.head_size, dtype=torch_dtype(m.dtype), device=device)
 
-    @torch.inference_mode()
     def run(self, batch: SchedulerOutput, block_manager: BlockManager) -> torch.Tensor:
-        """One forward pass over the step's chunks; logits [num sampling chunks, V] in chunk order."""
-        input_ids, positions, meta, last_rows = self._prepare(batch, block_manager)
-        hidden = self.model.forward(input_ids, positions, self.kv_cache, meta)
-        return self.model.compute_logits(hidden[last_rows])
+        """One forward pass over the step's chunks (on every rank); logits [num sampling chunks, V] in chunk order."""
+        step = self.prepare(batch, block_manager)
+        if self.broadcast is not None:
+            self.broadcast(step)
+        return self.execute(step)
 
-    def _prepare(self, batch: SchedulerOutput,
-                 block_manager: BlockManager) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """Flat input ids, positions, attention metadata and the rows whose logits are needed."""
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> torch.Tensor | None:
+        """Run this rank's shard of the step; the full logits [N, V] on rank 0, None on the other ranks."""
+        input_ids, positions, meta, last_rows = self._tensors(step)
+        hidden = self.model.forward(input_ids, positions, self.kv_cache, meta)
+        logits = self.model.compute_logits(hidden[last_rows])
+        if self.tp is None:
+            return logits
+        if not step.last_rows:  # nothing sampled this step: every rank skips the gather
+            return logits.new_zeros(0, self.vocab_size) if self.rank == 0 else None
+        parts = self.tp.gather(logits)
+        if parts is None:
+            return None
+        return torch.cat(parts, dim=-1)[:, :self.vocab_size]  # drop lm_head's padding rows
+
+    def prepare(self, batch: SchedulerOutput, block_manager: BlockManager) -> StepInput:
+        """The step's flat input ids, positions, KV slots, lengths, block tables and sampled rows as host lists."""
         ids, pos, slots, query_lens, context_lens, last_rows = [], [], [], [], [], []
         for chunk in batch.chunks:
             seq, start = chunk.seq, chunk.seq.num_computed_tokens
@@ -66,20 +111,20 @@ class ModelRunner:
             context_lens.append(end)
             if chunk.samples:
                 last_rows.append(len(ids) - 1)
-        meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots, torch.int64),
-            block_tables=self._block_tables(batch),
-            query_start=self._tensor([0, *itertools.accumulate(query_lens)], torch.int32),
-            context_lens=self._tensor(context_lens, torch.int32),
-            query_lens_host=query_lens, context_lens_host=context_lens)
-        return (self._tensor(ids, torch.int64), self._tensor(pos, torch.int64), meta,
-                self._tensor(last_rows, torch.int64))
+        width = max(len(c.seq.block_table) for c in batch.chunks)  # padded with block 0, never read past context
+        tables = [c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in batch.chunks]
+        return StepInput(ids, list(pos), slots, query_lens, context_lens, tables, last_rows)
 
-    def _block_tables(self, batch: SchedulerOutput) -> torch.Tensor:
-        """Block tables [B, longest table], padded with block 0 (never read past context_lens)."""
-        width = max(len(c.seq.block_table) for c in batch.chunks)
-        rows = [c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in batch.chunks]
-        return self._tensor(rows, torch.int32)
+    def _tensors(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """Flat input ids, positions, attention metadata and the sampled rows on this rank's device."""
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(step.slots, torch.int64),
+            block_tables=self._tensor(step.block_tables, torch.int32),
+            query_start=self._tensor([0, *itertools.accumulate(step.query_lens)], torch.int32),
+            context_lens=self._tensor(step.context_lens, torch.int32),
+            query_lens_host=step.query_lens, context_lens_host=step.context_lens)
+        return (self._tensor(step.input_ids, torch.int64), self._tensor(step.positions, torch.int64), meta,
+                self._tensor(step.last_rows, torch.int64))
 
     def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         """A host list as a tensor on the runner's device."""

@@ -1,4 +1,4 @@
-"""Load and check an engine folder's rank0.safetensors against the TensorRT-LLM Llama-family weight names."""
+"""Load and check an engine folder's rank{N}.safetensors against the TensorRT-LLM Llama-family weight names."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from builder.checkpoint.shard import shard_shape
 from builder.config import ModelConfig
 from builder.errors import ConfigError
 
@@ -21,7 +22,7 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every required tensor name and its shape for this model config (see docs/contracts.md)."""
+    """Every required tensor name and its per-rank shape for this model config (see docs/contracts.md)."""
     hidden, inter, head = cfg.hidden_size, cfg.intermediate_size, cfg.head_size
     qkv_rows = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * head
     shapes = {"transformer.vocab_embedding.weight": (cfg.vocab_size, hidden),
@@ -35,17 +36,28 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                    p + "mlp.proj.weight": (hidden, inter)}
         if cfg.attn_bias:
             shapes[p + "attention.qkv.bias"] = (qkv_rows,)
-    return shapes
+    tp = cfg.mapping.tp_size
+    return {name: shard_shape(name, shape, cfg, tp) for name, shape in shapes.items()}
 
 
-def load_weights(engine_dir: Path, cfg: ModelConfig, device: torch.device) -> dict[str, torch.Tensor]:
-    """Read rank0.safetensors onto device in the config dtype, checking that every required tensor is there."""
-    if cfg.mapping.world_size != 1:
-        raise ConfigError(f"engine was built for {cfg.mapping.world_size} ranks; this runtime runs single-rank "
-                          "engines only, rebuild with tensor/pipeline parallel size 1")
-    path = Path(engine_dir) / "rank0.safetensors"
+def check_mapping(cfg: ModelConfig) -> int:
+    """The engine's tensor-parallel size; ConfigError for layouts this runtime cannot run (pipeline parallel)."""
+    m = cfg.mapping
+    if m.pp_size != 1 or m.world_size != m.tp_size or m.tp_size < 1:
+        raise ConfigError(f"engine mapping world_size={m.world_size}, tp_size={m.tp_size}, pp_size={m.pp_size} is "
+                          "not supported; this runtime runs tensor parallelism only (world_size = tp_size, "
+                          "pp_size 1), rebuild with `builder build --tp N`")
+    return m.tp_size
+
+
+def load_weights(engine_dir: Path, cfg: ModelConfig, device: torch.device, rank: int = 0) -> dict[str, torch.Tensor]:
+    """Read rank{rank}.safetensors onto device in the config dtype, checking that every required tensor is there."""
+    tp = check_mapping(cfg)
+    if not 0 <= rank < tp:
+        raise ConfigError(f"rank {rank} is outside the engine's {tp} tensor-parallel ranks")
+    path = Path(engine_dir) / f"rank{rank}.safetensors"
     if not path.is_file():
-        raise ConfigError(f"engine folder {engine_dir} has no rank0.safetensors; rebuild it with `builder build`")
+        raise ConfigError(f"engine folder {engine_dir} has no {path.name}; rebuild it with `builder build`")
     dtype = torch_dtype(cfg.dtype)
     weights: dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt") as f:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 import plugins
+from builder.checkpoint.shard import local_heads
 from builder.config import ModelConfig
 from builder.errors import ConfigError
 
@@ -79,15 +81,22 @@ class LayerWeights:
 
 
 class LlamaModel:
-    """Forward pass of a Llama-family decoder; attention metadata and KV cache are passed in explicitly."""
+    """Forward pass of a Llama-family decoder; attention metadata and KV cache are passed in explicitly.
+
+    Under tensor parallelism (cfg.mapping.tp_size > 1) the weights are this rank's shard: local query/KV heads
+    and MLP columns; `all_reduce` sums the row-parallel outputs (attention.dense, mlp.proj) across ranks before
+    their biases are added, and compute_logits returns this rank's slice of the (padded) vocabulary.
+    """
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int,
-                 device: torch.device) -> None:
+                 device: torch.device, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Bind the weights and precompute the RoPE tables for positions < max_positions."""
         if cfg.hidden_act != "silu" or cfg.position_embedding_type != "rope_gpt_neox":
             raise ConfigError(f"model uses hidden_act={cfg.hidden_act!r}, position_embedding_type="
                               f"{cfg.position_embedding_type!r}; this runtime runs silu + rope_gpt_neox models only")
         self.cfg = cfg
+        self.num_heads, self.num_kv_heads = local_heads(cfg)
+        self.all_reduce = all_reduce if all_reduce is not None and cfg.mapping.tp_size > 1 else None
         self.embedding = weights["transformer.vocab_embedding.weight"]
         self.final_norm = weights["transformer.ln_f.weight"]
         self.lm_head = weights["lm_head.weight"]
@@ -113,7 +122,7 @@ class LlamaModel:
         return normed
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits [N, V] for hidden rows [N, H], upcasting lm_head a slice of the vocab at a time."""
+        """Float32 logits [N, lm_head rows] for hidden rows [N, H] (this rank's vocab slice under TP)."""
         hidden32 = hidden.float()
         if self.lm_head.dtype == torch.float32:
             return F.linear(hidden32, self.lm_head)
@@ -123,15 +132,23 @@ class LlamaModel:
     def _attention(self, x: torch.Tensor, positions: torch.Tensor, layer_cache: torch.Tensor,
                    meta: plugins.AttentionMetadata, w: LayerWeights) -> torch.Tensor:
         """Fused QKV projection, RoPE, KV-cache store, paged attention and output projection."""
-        nq, nkv, d = self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_size
+        nq, nkv, d = self.num_heads, self.num_kv_heads, self.cfg.head_size
         qkv = F.linear(x, w.qkv, w.qkv_bias)
         q, k, v = qkv.split([nq * d, nkv * d, nkv * d], dim=-1)
         q, k = plugins.rotary_embedding(q.view(-1, nq, d), k.view(-1, nkv, d), positions, self.cos, self.sin)
         v = v.reshape(-1, nkv, d)
         plugins.store_kv_cache(k, v, layer_cache[0], layer_cache[1], meta)
         out = plugins.paged_attention(q, layer_cache[0], layer_cache[1], meta, self.scale)
-        return F.linear(out.reshape(-1, nq * d), w.dense, w.dense_bias)
+        return self._row_parallel(out.reshape(-1, nq * d), w.dense, w.dense_bias)
 
     def _mlp(self, x: torch.Tensor, w: LayerWeights) -> torch.Tensor:
         """SwiGLU: proj(silu(fc(x)) * gate(x))."""
-        return F.linear(F.silu(F.linear(x, w.fc, w.fc_bias)) * F.linear(x, w.gate, w.gate_bias), w.proj, w.proj_bias)
+        act = F.silu(F.linear(x, w.fc, w.fc_bias)) * F.linear(x, w.gate, w.gate_bias)
+        return self._row_parallel(act, w.proj, w.proj_bias)
+
+    def _row_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ weight.T summed over ranks, then + bias (kept whole on every rank, added once)."""
+        if self.all_reduce is None:
+            return F.linear(x, weight, bias)
+        out = self.all_reduce(F.linear(x, weight))
+        return out if bias is None else out + bias

@@ -33,7 +33,7 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {arch: make_tiny_model(root / arch, architecture=arch) for arch in ARCHITECTURES}
 
 
-def build_repo(hf_dir: Path, output: Path, **overrides) -> Path:
+def build_repo(hf_dir: Path, output: Path, tp_size: int = 1, **overrides) -> Path:
     """Build a model repository from hf_dir with small test limits."""
     from builder.build import BuildOptions, build
     from builder.config import BuildSettings
@@ -41,7 +41,7 @@ def build_repo(hf_dir: Path, output: Path, **overrides) -> Path:
     values = dict(dtype="float32", max_batch_size=64, max_input_len=128, max_seq_len=256, max_num_tokens=256,
                   kv_cache_memory_mb=8)
     values.update(overrides)
-    build(BuildOptions(output=output, model=str(hf_dir), settings=BuildSettings(**values)))
+    build(BuildOptions(output=output, model=str(hf_dir), settings=BuildSettings(**values), tp_size=tp_size))
     return output
 
 

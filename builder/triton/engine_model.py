@@ -308,6 +308,4 @@ class TritonPythonModel:
         """Stop the engine thread (requests still running get an error), then the engine (TP workers too)."""
         self.stopping.set()
         self.thread.join(timeout=SHUTDOWN_WAIT_S)
-        close = getattr(self.engine, "close", None)
-        if close is not None:
-            close()
+        self.engine.close()

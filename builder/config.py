@@ -18,6 +18,9 @@ from builder.errors import ConfigError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 DTYPES = ("float32", "float16", "bfloat16")
+# `builder build --backend` targets (docs/deploy-tensorrt-llm.md): our portable runtime in Triton's python backend,
+# TensorRT-LLM 1.2.x's C++ `tensorrtllm` backend over a trtllm-build engine, TensorRT-LLM's PyTorch backend (llmapi).
+ENGINE_BACKENDS = ("portable", "tensorrtllm", "trtllm-pytorch")
 CHECKPOINT_CONFIG = "config.json"
 BUILD_CONFIG = "build_config.json"
 
@@ -41,6 +44,19 @@ class QuantConfig:
     has_zero_point: bool = False
     pre_quant_scale: bool = False
     exclude_modules: list[str] | None = None
+
+
+@dataclass
+class QuantOptions:
+    """What `builder build` was asked to quantize (CLI names); resolved into QuantConfig by the converter."""
+
+    quant: str = "none"                  # none, int8_wo, int4_wo, int4_awq, fp8
+    kv_cache_dtype: str = "auto"         # auto (model dtype), int8, fp8
+    group_size: int | None = None        # int4_awq only: 64 or 128 (default 128)
+    exclude_modules: list[str] | None = None  # fnmatch patterns of TRT-LLM module names; default ["lm_head"]
+    calib_data: Path | None = None       # calibration text file; default: the bundled corpus
+    calib_size: int = 16                 # calibration sequences
+    calib_seq_len: int = 256             # tokens per calibration sequence
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Model ops with one dispatch point each: paged attention, KV-cache store, RMSNorm and rotary embedding.
+"""Model ops with one dispatch point each: paged attention, KV-cache store, RMSNorm, rotary embedding, quantized
+linear.
 
 Every op takes and returns plain tensors plus an explicit AttentionMetadata (no global context). Today each op
 runs the torch reference in `plugins.reference`; Triton kernels for CUDA tensors plug in behind `_backend`.
@@ -13,8 +14,8 @@ import torch
 from plugins import reference
 from plugins.metadata import AttentionMetadata
 
-__all__ = ["AttentionMetadata", "fused_add_rms_norm", "paged_attention", "rms_norm", "rotary_embedding",
-           "store_kv_cache"]
+__all__ = ["AttentionMetadata", "fused_add_rms_norm", "paged_attention", "quantized_linear", "rms_norm",
+           "rotary_embedding", "store_kv_cache"]
 
 
 def _backend(tensor: torch.Tensor) -> ModuleType:
@@ -40,12 +41,27 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, 
 
 
 def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   meta: AttentionMetadata) -> None:
-    """Write the new tokens' k/v [T, nkv, d] into the paged caches [blocks, tokens_per_block, nkv, d] in place."""
-    _backend(k).store_kv_cache(k, v, k_cache, v_cache, meta)
+                   meta: AttentionMetadata, kv_scale: torch.Tensor | None = None) -> None:
+    """Write the new tokens' k/v [T, nkv, d] into the paged caches [blocks, tokens_per_block, nkv, d] in place.
+
+    An int8 / float8_e4m3fn cache stores k/v divided by kv_scale (fp32 [1], the layer's kv_cache_scaling_factor),
+    rounded and saturated (INT8 / FP8 KV cache)."""
+    _backend(k).store_kv_cache(k, v, k_cache, v_cache, meta, kv_scale)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                    scale: float) -> torch.Tensor:
-    """Causal attention of the flat query batch q [T, nq, d] over each sequence's paged KV (prefill, chunk, decode)."""
-    return _backend(q).paged_attention(q, k_cache, v_cache, meta, scale)
+                    scale: float, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of the flat query batch q [T, nq, d] over each sequence's paged KV (prefill, chunk, decode).
+
+    A quantized (int8 / e4m3) cache is dequantized with kv_scale as it is read."""
+    return _backend(q).paged_attention(q, k_cache, v_cache, meta, scale, kv_scale)
+
+
+def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                     pre_quant_scale: torch.Tensor | None = None, input_scale: torch.Tensor | None = None,
+                     weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + b for a quantized linear whose weight [out, in] is held dequantized (or as exact FP8 values).
+
+    pre_quant_scale [in] (W4A16_AWQ) multiplies x first; input_scale/weight_scale (fp32 [1], FP8) quantize x to
+    e4m3 with the static activation scale and rescale the product by input_scale * weight_scale."""
+    return _backend(x).quantized_linear(x, weight, bias, pre_quant_scale, input_scale, weight_scale)

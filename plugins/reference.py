@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from builder.quantize.fp8 import to_fp8
+from builder.quantize.kv_cache import dequantize_kv, quantize_kv
 from plugins.metadata import AttentionMetadata
+
+KV_ALGOS = {torch.int8: "INT8", torch.float8_e4m3fn: "FP8"}  # quantized cache dtype -> kv_cache_quant_algo
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -36,17 +41,30 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, 
 
 
 def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   meta: AttentionMetadata) -> None:
-    """Scatter k/v rows into their cache slots."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+                   meta: AttentionMetadata, kv_scale: torch.Tensor | None = None) -> None:
+    """Scatter k/v rows into their cache slots (quantized with kv_scale when the cache is int8 / e4m3)."""
+    for x, cache in ((k, k_cache), (v, v_cache)):
+        algo = KV_ALGOS.get(cache.dtype)
+        if algo is None:
+            cache.view(-1, *cache.shape[2:]).index_copy_(0, meta.slot_mapping, x.to(cache.dtype))
+            continue
+        if kv_scale is None:
+            raise ValueError(f"a {cache.dtype} KV cache needs the layer's kv_cache_scaling_factor")
+        q = quantize_kv(x, kv_scale, algo)
+        # index_copy_ has no float8 kernel on CPU: copy the bytes
+        cache.view(torch.uint8).view(-1, *cache.shape[2:]).index_copy_(0, meta.slot_mapping, q.view(torch.uint8))
 
 
-def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
-    """The first context_len cached tokens [L, nkv, d] of one sequence, in position order."""
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len: int,
+                    kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The first context_len cached tokens [L, nkv, d] of one sequence, in position order (dequantized to float32
+    when the cache is int8 / e4m3)."""
     tokens_per_block = cache.shape[1]
     num_blocks = -(-context_len // tokens_per_block)
-    return cache[block_table[:num_blocks].long()].flatten(0, 1)[:context_len]
+    if cache.dtype not in KV_ALGOS:
+        return cache[block_table[:num_blocks].long()].flatten(0, 1)[:context_len]
+    raw = cache.view(torch.uint8)[block_table[:num_blocks].long()].flatten(0, 1)[:context_len]
+    return dequantize_kv(raw.view(cache.dtype), kv_scale, torch.float32)
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -63,13 +81,34 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                    scale: float) -> torch.Tensor:
-    """Loop over sequences: gather each one's cached K/V through its block table and attend causally."""
+                    scale: float, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Loop over sequences: gather each one's cached K/V through its block table and attend causally.
+
+    All keys and values, the step's own tokens included, are read back from the cache, so a quantized cache is
+    used the same way in prefill, chunked prefill and decode."""
     out = torch.empty_like(q)
     start = 0
     for i, (query_len, context_len) in enumerate(zip(meta.query_lens_host, meta.context_lens_host)):
-        k = _gather_context(k_cache, meta.block_tables[i], context_len)
-        v = _gather_context(v_cache, meta.block_tables[i], context_len)
+        k = _gather_context(k_cache, meta.block_tables[i], context_len, kv_scale)
+        v = _gather_context(v_cache, meta.block_tables[i], context_len, kv_scale)
         out[start:start + query_len] = _causal_attention(q[start:start + query_len], k, v, scale)
         start += query_len
     return out
+
+
+def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     pre_quant_scale: torch.Tensor | None, input_scale: torch.Tensor | None,
+                     weight_scale: torch.Tensor | None) -> torch.Tensor:
+    """Reference quantized GEMMs on a dequantized weight held in x's dtype.
+
+    FP8 (input_scale set): x is quantized to e4m3 with the static per-tensor scale (saturating at +-448), multiplied
+    by the e4m3 weight values in float32, and scaled by input_scale * weight_scale (the GEMM's alpha), then the
+    bias is added; W4A16_AWQ (pre_quant_scale set): x * pre_quant_scale in x's dtype, then the GEMM; otherwise a
+    plain GEMM (W8A16 / W4A16 dequantized at load)."""
+    if input_scale is not None:
+        x_q = to_fp8(x, input_scale).float()
+        y = F.linear(x_q, weight.float()) * (input_scale.float() * weight_scale.float())
+        return (y if bias is None else y + bias.float()).to(x.dtype)
+    if pre_quant_scale is not None:
+        x = x * pre_quant_scale
+    return F.linear(x, weight, bias)

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from rich.console import Console
-from rich.progress import track
+from rich.progress import Progress, track
 
 from builder.checkpoint.hf import HFCheckpoint
 from builder.checkpoint.safetensors_io import TORCH_DTYPES, write_streaming
-from builder.checkpoint.shard import read_shard, shard_shape, validate_tp
-from builder.checkpoint.trtllm import WeightSpec, hf_dtype, model_config_from_hf, plan_weights
-from builder.config import BuildSettings, EngineConfig, Mapping, ModelConfig
+from builder.checkpoint.shard import read_shard, split_for_rank, validate_tp
+from builder.checkpoint.trtllm import (KV_SCALE_SUFFIX, TensorSpec, WeightSpec, hf_dtype, model_config_from_hf,
+                                       plan_weights, rank_layout)
+from builder.config import BuildSettings, EngineConfig, Mapping, ModelConfig, QuantConfig, QuantOptions
+from builder.errors import ConfigError
+from builder.quantize.calibrate import ActivationStats, load_calibration_text
+from builder.quantize.kv_cache import kv_cache_scale
+from builder.quantize.layerwise import Calibration, calibrate, calibration_tokens
+from builder.quantize.linear import quantize_linear
+from builder.quantize.modes import (CALIBRATED_ALGOS, linear_quant_algo, needs_calibration, resolve_quant_config,
+                                    validate_model_quantization)
 
 ST_TO_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
@@ -32,38 +41,105 @@ def _embed_dtype(ckpt: HFCheckpoint) -> str | None:
     return ckpt.dtype(name) if name in ckpt.weight_map else None
 
 
-def convert_checkpoint(hf_dir: Path, engine_dir: Path, settings: BuildSettings, tp_size: int = 1) -> EngineConfig:
+def check_quant_options(quant: QuantOptions) -> QuantConfig:
+    """Resolve the CLI quantization choices and check the calibration inputs, before any file is written.
+
+    The calibration text is read when the mode needs calibration, and whenever --calib-data names a file
+    (a typo there should not go unnoticed): ConfigError for a missing, unreadable or empty file.
+    """
+    config = resolve_quant_config(quant.quant, quant.kv_cache_dtype, quant.group_size, quant.exclude_modules)
+    if quant.calib_size < 1 or quant.calib_seq_len < 1:
+        raise ConfigError(f"--calib-size and --calib-seq-len must be >= 1, got {quant.calib_size} and "
+                          f"{quant.calib_seq_len}")
+    if needs_calibration(config) or quant.calib_data is not None:
+        load_calibration_text(quant.calib_data)
+    return config
+
+
+def convert_checkpoint(hf_dir: Path, engine_dir: Path, settings: BuildSettings, tp_size: int = 1,
+                       quant: QuantOptions | None = None) -> EngineConfig:
     """Write <engine_dir>/config.json, rank{N}.safetensors (N < tp_size) and build_config.json from hf_dir.
 
     Each rank's file is streamed from the HF checkpoint on its own, reading only the slices that rank needs,
-    so peak memory stays around one tensor whatever tp_size is.
+    so peak memory stays around one tensor whatever tp_size is. With `quant`, every quantized linear of a rank is
+    quantized from its float shard with statistics of the whole layer (calibrated layer by layer first when the
+    mode needs it), so the ranks' tensors are the TP split of the tp=1 tensors (trtllm-checkpoint.md section 3).
+    Every check (options, model, tp, calibration text) runs before engine_dir is created.
     """
     settings.validate()
+    quant = quant or QuantOptions()
+    quant_config = check_quant_options(quant)
     ckpt = HFCheckpoint(hf_dir)
     dtype = resolve_dtype(ckpt, settings.dtype)
     model_cfg = model_config_from_hf(ckpt.config, dtype)
     validate_tp(model_cfg, tp_size)
     model_cfg.mapping = Mapping(world_size=tp_size, tp_size=tp_size, pp_size=1)
+    model_cfg.quantization = quant_config
+    validate_model_quantization(model_cfg, tp_size)
     plan = plan_weights(model_cfg, {name: ckpt.shape(name) for name in ckpt.names()})
+    console = Console(stderr=True)
+    calib = None
+    if needs_calibration(quant_config):
+        tokens = calibration_tokens(hf_dir, quant.calib_data, quant.calib_size, quant.calib_seq_len,
+                                    settings.max_seq_len)
+        with Progress(transient=True, console=console, disable=not console.is_terminal) as progress:
+            task = progress.add_task(f"Calibrating ({tokens.shape[0]} x {tokens.shape[1]} tokens)",
+                                     total=model_cfg.num_hidden_layers)
+            calib = calibrate(ckpt, model_cfg, tokens, progress=lambda _: progress.advance(task))
     engine_dir = Path(engine_dir)
     engine_dir.mkdir(parents=True, exist_ok=True)
-    target = TORCH_DTYPES[dtype]
-    entries = [(spec.name, target, shard_shape(spec.name, spec.shape, model_cfg, tp_size)) for spec in plan]
-    console = Console(stderr=True)
+    layout = rank_layout(model_cfg, {spec.name: spec.shape for spec in plan}, tp_size)
+    entries = [(t.name, t.dtype, t.shape) for t in layout]
+    sources = {spec.name: spec for spec in plan}
     for rank in range(tp_size):
         label = "Converting weights" if tp_size == 1 else f"Converting weights (rank {rank + 1}/{tp_size})"
-        tensors = track(_converted(ckpt, plan, target, model_cfg, rank, tp_size), total=len(plan), description=label,
-                        transient=True, console=console, disable=not console.is_terminal)
+        tensors = track(_converted(ckpt, layout, sources, model_cfg, calib, rank, tp_size), total=len(layout),
+                        description=label, transient=True, console=console, disable=not console.is_terminal)
         write_streaming(engine_dir / f"rank{rank}.safetensors", entries, tensors)
     engine_cfg = EngineConfig(model_cfg, replace(settings, dtype=dtype))
     engine_cfg.save(engine_dir)
     return engine_cfg
 
 
-def _converted(ckpt: HFCheckpoint, plan: list[WeightSpec], dtype: torch.dtype, cfg: ModelConfig, rank: int = 0,
-               tp_size: int = 1) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (TRT-LLM name, rank's shard) in plan order; each shard reads only its own slices of the HF sources."""
-    for spec in plan:
-        sources = [(src, ckpt.shape(src)[0]) for src in spec.sources]
-        shard = read_shard(spec.name, spec.shape, sources, cfg, rank, tp_size, ckpt.get_part)
-        yield spec.name, shard.to(dtype)
+def _converted(ckpt: HFCheckpoint, layout: list[TensorSpec], sources: dict[str, WeightSpec], cfg: ModelConfig,
+               calib: Calibration | None, rank: int = 0, tp_size: int = 1) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (TRT-LLM name, rank's tensor) in layout order; each float shard is read once, only its own slices."""
+    done: dict[str, torch.Tensor] = {}
+    current = None
+    for spec in layout:
+        if spec.source != current:
+            current = spec.source
+            done = _produce(ckpt, spec.source, sources, cfg, calib, rank, tp_size)
+        yield spec.name, done.pop(spec.name)
+
+
+def _produce(ckpt: HFCheckpoint, source: str, sources: dict[str, WeightSpec], cfg: ModelConfig,
+             calib: Calibration | None, rank: int, tp_size: int) -> dict[str, torch.Tensor]:
+    """Every tensor of this rank made from `source`: the float shard, or a quantized linear's tensors, or a KV scale."""
+    quant, dtype = cfg.quantization, TORCH_DTYPES[cfg.dtype]
+    layer = _layer_index(source)
+    if source.endswith(KV_SCALE_SUFFIX):
+        stats = calib.layers[layer]
+        return {source: kv_cache_scale(quant.kv_cache_quant_algo, stats.k_amax, stats.v_amax)}
+    spec = sources[source]
+    parts = [(src, ckpt.shape(src)[0]) for src in spec.sources]
+    shard = read_shard(spec.name, spec.shape, parts, cfg, rank, tp_size, ckpt.get_part).to(dtype)
+    module, suffix = spec.name.rsplit(".", 1)
+    algo = linear_quant_algo(quant, module) if suffix == "weight" and shard.dim() == 2 else None
+    if algo not in CALIBRATED_ALGOS:
+        return {spec.name: shard}  # float tensors; W8A16/W4A16 are quantized by trtllm-build (decisions.md)
+    stats, short = calib.layers[layer], module.split(".", 3)[-1]  # e.g. attention.qkv
+    scales = None
+    if algo == "W4A16_AWQ":  # column-parallel: the full [in] scales; row-parallel: the rank's input slice
+        scales = split_for_rank(f"{module}.prequant_scaling_factor", stats.get("awq_scales", short), cfg, rank,
+                                tp_size)
+    tensors = quantize_linear(shard, algo, group_size=quant.group_size, dtype=dtype,
+                              act_stats=ActivationStats(input_amax=stats.get("input_amax", short)),
+                              awq_scales=scales, weight_amax=stats.get("weight_amax", short))
+    return {f"{module}.{part}": tensor for part, tensor in tensors.items()}
+
+
+def _layer_index(name: str) -> int | None:
+    """i of a `transformer.layers.{i}.` name, None for global tensors."""
+    match = re.match(r"transformer\.layers\.(\d+)\.", name)
+    return int(match.group(1)) if match else None

@@ -52,7 +52,6 @@ class HFCheckpoint:
         self.weight_map = self._weight_map()  # tensor name -> file name
         self._headers = {f: self._read_header(f) for f in sorted(set(self.weight_map.values()))}
         self._check_index_matches_files()
-        self._handles: dict[str, Any] = {}
 
     def _weight_map(self) -> dict[str, str]:
         """Tensor name -> shard file name, from the index or the single model.safetensors."""
@@ -107,12 +106,14 @@ class HFCheckpoint:
         return self._headers[self._file(name)][name][0]
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor from its shard (mmap; only this tensor is materialized)."""
+        """Read one tensor from its shard (mmap; only this tensor is materialized).
+
+        The shard is opened per read and unmapped right after: a handle kept open leaves every page read so far
+        mapped, and those pages count in the process RSS (15 GiB for Llama-3-8B, docs/performance.md)."""
         file = self._file(name)
-        if file not in self._handles:
-            self._handles[file] = safe_open(self.dir / file, framework="pt")
         try:
-            return self._handles[file].get_tensor(name)
+            with safe_open(self.dir / file, framework="pt") as f:
+                return f.get_tensor(name)
         except Exception as exc:
             raise CheckpointError(f"cannot read tensor {name} from {self.dir / file} ({exc}); "
                                   "the file is corrupt, download it again") from exc
@@ -122,11 +123,10 @@ class HFCheckpoint:
         if dim is None:
             return self.get(name)
         file = self._file(name)
-        if file not in self._handles:
-            self._handles[file] = safe_open(self.dir / file, framework="pt")
         try:
-            part = self._handles[file].get_slice(name)
-            return part[start:stop] if dim == 0 else part[:, start:stop]
+            with safe_open(self.dir / file, framework="pt") as f:  # unmapped after the read, as in get()
+                part = f.get_slice(name)
+                return part[start:stop] if dim == 0 else part[:, start:stop]
         except Exception as exc:
             raise CheckpointError(f"cannot read tensor {name} from {self.dir / file} ({exc}); "
                                   "the file is corrupt, download it again") from exc

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from builder.config import DTYPES, Mapping, ModelConfig, QuantConfig
 from builder.errors import CheckpointError
 
@@ -167,3 +169,67 @@ def plan_weights(cfg: ModelConfig, hf_shapes: dict[str, list[int]]) -> list[Weig
                                   f"{list(shape)} for {name}; config.json does not match the weights")
         plan.append(WeightSpec(name, shape, sources[name]))
     return plan
+
+
+# ---- per-rank checkpoint layout (quantization included) -----------------------------------------------------------
+
+KV_SCALE_SUFFIX = "attention.kv_cache_scaling_factor"
+MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a rank{N}.safetensors: name, dtype, per-rank shape, and the float tensor it is made from.
+
+    `source` is the full-model TRT-LLM float tensor (a WeightSpec name) for weights and their quantization
+    tensors, or the tensor's own name for a per-layer KV-cache scale.
+    """
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    source: str
+
+
+def quantized_linear_layout(algo: str | None, out: int, in_features: int, group_size: int,
+                            dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(suffix, dtype, shape) of one rank's linear [out, in] under quant_algo (trtllm-checkpoint.md section 3).
+
+    W8A16/W4A16 keep the float weight (trtllm-build quantizes it); W4A16_AWQ: int8 [out/2, in] packed int4,
+    fp32 [out, in/g] group scales, model-dtype [in] prequant scale; FP8: e4m3 [out, in] + fp32 [1] scales.
+    """
+    if algo == "W4A16_AWQ":
+        return [("weight", torch.int8, (out // 2, in_features)),
+                ("weights_scaling_factor", torch.float32, (out, in_features // group_size)),
+                ("prequant_scaling_factor", dtype, (in_features,))]
+    if algo == "FP8":
+        return [("weight", torch.float8_e4m3fn, (out, in_features)),
+                ("weights_scaling_factor", torch.float32, (1,)),
+                ("activation_scaling_factor", torch.float32, (1,))]
+    return [("weight", dtype, (out, in_features))]
+
+
+def rank_layout(cfg: ModelConfig, full_shapes: dict[str, tuple[int, ...]], tp: int) -> list[TensorSpec]:
+    """Every tensor of one rank's file, in write order, from the full float shapes (plan_weights/expected_weights).
+
+    The layout is the same on every rank. Quantized linears follow cfg.quantization (exclude_modules honoured);
+    with a quantized KV cache each layer also holds `attention.kv_cache_scaling_factor` fp32 [1].
+    """
+    from builder.checkpoint.shard import shard_shape
+    from builder.quantize.modes import linear_quant_algo
+
+    quant, dtype = cfg.quantization, MODEL_DTYPES[cfg.dtype]
+    specs = []
+    for name, shape in full_shapes.items():
+        module, suffix = name.rsplit(".", 1)
+        if quant.kv_cache_quant_algo is not None and module.endswith(".post_layernorm"):
+            kv_name = module.removesuffix("post_layernorm") + KV_SCALE_SUFFIX
+            specs.append(TensorSpec(kv_name, torch.float32, (1,), kv_name))
+        local = shard_shape(name, shape, cfg, tp)
+        algo = linear_quant_algo(quant, module) if suffix == "weight" and len(local) == 2 else None
+        if algo is None:
+            specs.append(TensorSpec(name, dtype, tuple(local), name))
+            continue
+        for part, part_dtype, part_shape in quantized_linear_layout(algo, local[0], local[1], quant.group_size, dtype):
+            specs.append(TensorSpec(f"{module}.{part}", part_dtype, part_shape, name))
+    return specs

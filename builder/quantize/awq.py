@@ -49,22 +49,43 @@ def output_error(x: torch.Tensor, weight: torch.Tensor, approx: torch.Tensor) ->
 
 def awq_search(weights: Sequence[torch.Tensor], x: torch.Tensor, group_size: int,
                x_abs_mean: torch.Tensor | None = None, alphas: Sequence[float] | None = None) -> AwqScales:
-    """Grid-search alpha minimising ||X W^T - X (Q(W s) / s)^T|| jointly over linears that share input X."""
-    w = torch.cat([t.detach().float() for t in weights], dim=0)
-    x = x.detach().float().reshape(-1, w.shape[1])
+    """Grid-search alpha minimising ||X W^T - X (Q(W s) / s)^T|| jointly over linears that share input X.
+
+    The error is accumulated over the weights and SEARCH_CHUNK_ROWS output rows at a time (group-wise int4 is per
+    row), so the search never holds more than a few row chunks in float32, whatever the layer size.
+    """
+    in_features = weights[0].shape[1]
+    x = x.detach().float().reshape(-1, in_features)
     if x.shape[0] == 0:
         raise ConfigError("AWQ needs calibration activations; the sample is empty (check --calib-data)")
     mean = x.abs().mean(dim=0) if x_abs_mean is None else x_abs_mean.float()
     best: tuple[float, float, torch.Tensor] | None = None
-    plain = output_error(x, w, fake_quantize_int4_groupwise(w, group_size))
+    plain = _grouped_error(weights, x, group_size, None)
     for alpha in default_alphas() if alphas is None else alphas:
         s = scales_for_alpha(mean, alpha)
-        loss = plain if alpha == 0 else output_error(x, w, fake_quantize_int4_groupwise(w * s, group_size) / s)
+        loss = plain if alpha == 0 else _grouped_error(weights, x, group_size, s)
         if best is None or loss < best[0]:
             best = (loss, float(alpha), s)
     if best is None:
         raise ConfigError("AWQ alpha grid is empty; pass at least one alpha")
     return AwqScales(scales=best[2], alpha=best[1], loss=best[0], plain_loss=plain)
+
+
+SEARCH_CHUNK_ROWS = 4096
+
+
+def _grouped_error(weights: Sequence[torch.Tensor], x: torch.Tensor, group_size: int,
+                   s: torch.Tensor | None) -> float:
+    """output_error of X against the concatenated weights quantized as Q(W s)/s (plain int4 when s is None)."""
+    total, rows = 0.0, 0
+    for weight in weights:
+        for start in range(0, weight.shape[0], SEARCH_CHUNK_ROWS):
+            w = weight[start:start + SEARCH_CHUNK_ROWS].detach().float()
+            approx = fake_quantize_int4_groupwise(w, group_size) if s is None else \
+                fake_quantize_int4_groupwise(w * s, group_size) / s
+            total += float(((x @ (approx - w).t()) ** 2).sum())
+            rows += w.shape[0]
+    return total / (x.shape[0] * rows)
 
 
 def quantize_awq(weight: torch.Tensor, group_size: int, scales: torch.Tensor | None,

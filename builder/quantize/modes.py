@@ -96,3 +96,91 @@ def linear_quant_algo(config: QuantConfig, trtllm_name: str) -> str | None:
     if config.quant_algo is None or not trtllm_name.endswith(QUANTIZABLE_LINEARS):
         return None
     return None if is_excluded(trtllm_name, config.exclude_modules) else config.quant_algo
+
+
+CALIBRATED_ALGOS = ("W4A16_AWQ", "FP8")  # need activation statistics (KV-cache quantization needs them too)
+# (module suffix, row parallel) of every quantizable decoder linear; the input width comes from the model config.
+DECODER_LINEARS = (("attention.qkv", False), ("attention.dense", True), ("mlp.fc", False), ("mlp.gate", False),
+                   ("mlp.proj", True))
+
+
+def needs_calibration(config: QuantConfig) -> bool:
+    """True when the checkpoint needs calibrated activation statistics (AWQ, FP8, INT8/FP8 KV cache)."""
+    return config.quant_algo in CALIBRATED_ALGOS or config.kv_cache_quant_algo is not None
+
+
+def linear_widths(cfg, module: str) -> tuple[int, int]:
+    """(out, in) features of a decoder linear of the full (unsplit) model; cfg is a ModelConfig."""
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_size
+    return {"attention.qkv": ((cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d, h),
+            "attention.dense": (h, cfg.num_attention_heads * d),
+            "mlp.fc": (i, h), "mlp.gate": (i, h), "mlp.proj": (h, i)}[module]
+
+
+def validate_model_quantization(cfg, tp_size: int = 1) -> None:
+    """Raise ConfigError (with a fix) when cfg.quantization cannot be applied to this model at tp_size.
+
+    Checks: lm_head stays excluded (no mode quantizes it: TensorRT-LLM's weight-only build never does, and the
+    calibrated modes are not wired for it); for int4_awq every quantized linear's per-rank input width is a
+    multiple of the group size and its per-rank output rows are even (two rows per packed byte).
+    """
+    config = cfg.quantization
+    if config.quant_algo not in QUANT_MODES.values() or config.kv_cache_quant_algo not in KV_CACHE_MODES.values():
+        raise ConfigError(f"quantization {config.quant_algo}/{config.kv_cache_quant_algo} is not supported; "
+                          f"quant_algo must be one of {', '.join(str(a) for a in QUANT_MODES.values())} and "
+                          "kv_cache_quant_algo one of None, INT8, FP8 (rebuild with `builder build --quant ...`)")
+    if config.quant_algo is None:
+        return
+    if linear_quant_algo(config, "lm_head") is not None:
+        raise ConfigError("quantizing lm_head is not supported (TensorRT-LLM keeps it in the model dtype by "
+                          "default); keep 'lm_head' in --exclude-modules")
+    if config.quant_algo not in GROUPWISE_ALGOS:
+        return
+    problems = _awq_width_problems(cfg, config.group_size, tp_size)
+    if not problems:
+        return
+    fixes = []
+    sizes = [g for g in SUPPORTED_GROUP_SIZES if g != config.group_size and not _awq_width_problems(cfg, g, tp_size)]
+    if sizes:
+        fixes.append(f"--group-size {sizes[0]}")
+    tps = [t for t in _valid_tps(cfg) if t != tp_size and not _awq_width_problems(cfg, config.group_size, t)]
+    if tps:
+        fixes.append(f"--tp {' or '.join(map(str, tps))}")
+    module = problems[0].split(":")[0]
+    fixes.append(f"keep the layer unquantized with --exclude-modules lm_head 'transformer.layers.*.{module}'")
+    raise ConfigError(f"int4_awq with --group-size {config.group_size} at --tp {tp_size}: {problems[0]}; "
+                      f"use {', or '.join(fixes)}")
+
+
+def _awq_width_problems(cfg, group_size: int, tp_size: int) -> list[str]:
+    """Why group-wise int4 does not fit the quantized linears at (group_size, tp_size); empty when it does."""
+    problems = []
+    for layer in range(cfg.num_hidden_layers):
+        for module, row in DECODER_LINEARS:
+            if linear_quant_algo(cfg.quantization, f"transformer.layers.{layer}.{module}") is None:
+                continue
+            out, in_features = linear_widths(cfg, module)
+            local_in = in_features // tp_size if row else in_features
+            if in_features % tp_size if row else False:
+                problems.append(f"{module}: {in_features} input features do not split over tp {tp_size}")
+            elif local_in % group_size:
+                where = f"{in_features}/{tp_size} = {local_in}" if row and tp_size > 1 else f"{in_features}"
+                problems.append(f"{module}: input features per rank ({where}) are not a multiple of the group size "
+                                f"{group_size}")
+            elif _local_out(cfg, module, out, row, tp_size) % 2:
+                problems.append(f"{module}: {_local_out(cfg, module, out, row, tp_size)} output rows per rank are "
+                                "odd, but int4 packs two rows per byte")
+    return problems
+
+
+def _local_out(cfg, module: str, out: int, row: bool, tp_size: int) -> int:
+    """Output rows of a linear on one rank (qkv: local query heads + duplicated-or-split KV heads)."""
+    if module == "attention.qkv":
+        return (cfg.num_attention_heads // tp_size + 2 * -(-cfg.num_key_value_heads // tp_size)) * cfg.head_size
+    return out if row else out // tp_size
+
+
+def _valid_tps(cfg) -> list[int]:
+    """Tensor-parallel sizes this model's heads and MLP split into."""
+    nq, nkv, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+    return [t for t in range(1, nq + 1) if not nq % t and not (nkv % t and t % nkv) and not inter % t]

@@ -59,9 +59,17 @@ def dequantize_int4_groupwise(q: torch.Tensor, scales: torch.Tensor) -> torch.Te
 
 
 def fake_quantize_int4_groupwise(weight: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Quantize-dequantize [out, in] group-wise (float32 result); used by the AWQ search."""
-    scales = groupwise_scales(weight, group_size)
-    return dequantize_int4_groupwise(quantize_int4_groupwise(weight, scales), scales)
+    """Quantize-dequantize [out, in] group-wise (float32 result); used by the AWQ search.
+
+    The same arithmetic as groupwise_scales + quantize_int4_groupwise + dequantize_int4_groupwise, on a
+    [out, in/g, g] view instead of expanded scales (it runs 21 times per linear in the search)."""
+    out_features, in_features = weight.shape
+    if in_features % group_size:
+        groupwise_scales(weight, group_size)  # raises the ConfigError
+    w = weight.float().reshape(out_features, in_features // group_size, group_size)
+    scales = w.abs().amax(dim=-1, keepdim=True) / INT4_MAX
+    scales = torch.where(scales == 0, torch.ones_like(scales), scales)
+    return (torch.round(w / scales).clamp(INT4_MIN, INT4_MAX) * scales).reshape(out_features, in_features)
 
 
 def _expand_groups(scales: torch.Tensor, in_features: int) -> torch.Tensor:

@@ -181,7 +181,9 @@ def render_repository(repo_dir: Path, engine_config: EngineConfig, engine_dir: P
     if repo_dir.exists() and any(repo_dir.iterdir()):
         raise OutputExistsError(f"repository folder {repo_dir} is not empty; render into a new or empty folder")
     repo_dir.mkdir(parents=True, exist_ok=True)
-    render_templates(Path(templates_dir), repo_dir, render_context(engine_config, options))
+    context = render_context(engine_config, options)
+    for model in MODELS:  # only the portable models: templates_dir/engines/ holds the TensorRT-LLM targets' ones
+        render_templates(Path(templates_dir) / model, repo_dir / model, context)
     for model in MODELS:
         (repo_dir / model / VERSION).mkdir(parents=True, exist_ok=True)
     for model in ("preprocessing", "postprocessing"):

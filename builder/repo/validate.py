@@ -10,6 +10,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from builder.errors import RepositoryValidationError
+from builder.repo.trtllm_validate import check_trtllm_target, is_llmapi_model
+from builder.repo.trtllm_validate import data_dirs as trtllm_data_dirs
 
 PLACEHOLDER = b"${"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # one of them, plus tokenizer_config.json
@@ -100,7 +102,8 @@ def check_model_files(model: Model) -> list[str]:
     versions = _version_dirs(model)
     if not versions:
         problems.append(f"{model.name}: no version folder (e.g. {model.name}/1)")
-    if model.config.backend == "python" and not any((v / "model.py").is_file() for v in versions):
+    if model.config.backend == "python" and not any((v / "model.py").is_file() for v in versions) \
+            and not is_llmapi_model(model):  # TensorRT-LLM's llmapi model.py comes with TensorRT-LLM (launch_triton.sh)
         problems.append(f"{model.name}: python backend model without {model.name}/1/model.py")
     if not model.config.backend and not model.config.platform:
         problems.append(f"{model.name}: config.pbtxt names neither a backend nor a platform")
@@ -108,8 +111,9 @@ def check_model_files(model: Model) -> list[str]:
     if tokenizer is not None:
         problems += check_tokenizer_dir(model, model.folder / tokenizer)
     engine = _parameter(model, "gpt_model_path")
-    if engine is not None:
+    if engine is not None and model.config.backend != "tensorrtllm":  # the C++ backend's engine is built later
         problems += check_engine_dir(model, model.folder / engine)
+    problems += check_trtllm_target(model)  # TensorRT-LLM engine models (--backend tensorrtllm / trtllm-pytorch)
     return problems
 
 
@@ -150,6 +154,7 @@ def _data_dirs(models: dict[str, Model]) -> list[Path]:
             value = _parameter(model, key)
             if value:
                 dirs.append((model.folder / value).resolve())
+        dirs += trtllm_data_dirs(model)
     return dirs
 
 

@@ -35,12 +35,27 @@ class StepInput:
     last_rows: list[int]           # rows whose logits are sampled, in chunk order
 
 
+KV_CACHE_DTYPES = {"INT8": torch.int8, "FP8": torch.float8_e4m3fn}  # kv_cache_quant_algo -> cache dtype
+
+
+def kv_cache_dtype(engine_config: EngineConfig) -> torch.dtype:
+    """dtype of the paged KV cache: int8 / float8_e4m3fn for an INT8 / FP8 KV cache, else the model dtype."""
+    m = engine_config.model
+    algo = m.quantization.kv_cache_quant_algo
+    if algo is None:
+        return torch_dtype(m.dtype)
+    if algo not in KV_CACHE_DTYPES:
+        raise ConfigError(f"kv_cache_quant_algo {algo!r} is not supported; rebuild with --kv-cache-dtype "
+                          "auto, int8 or fp8")
+    return KV_CACHE_DTYPES[algo]
+
+
 def kv_block_bytes(engine_config: EngineConfig) -> int:
     """Bytes of one KV block across all layers (K and V) on one rank (its local KV heads under TP)."""
     m = engine_config.model
     kv_heads = local_heads(m)[1]
     elements = m.num_hidden_layers * 2 * engine_config.build.tokens_per_block * kv_heads * m.head_size
-    return elements * torch.empty((), dtype=torch_dtype(m.dtype)).element_size()
+    return elements * torch.empty((), dtype=kv_cache_dtype(engine_config)).element_size()
 
 
 def num_kv_blocks(engine_config: EngineConfig, kv_cache_memory_mb: float) -> int:
@@ -74,7 +89,7 @@ class ModelRunner:
         all_reduce = self.tp.all_reduce if self.tp is not None else None
         self.model = LlamaModel(m, load_weights(engine_dir, m, device, rank), b.max_seq_len, device, all_reduce)
         self.kv_cache = torch.zeros(m.num_hidden_layers, 2, num_blocks, b.tokens_per_block, local_heads(m)[1],
-                                    m.head_size, dtype=torch_dtype(m.dtype), device=device)
+                                    m.head_size, dtype=kv_cache_dtype(engine_config), device=device)
 
     def run(self, batch: SchedulerOutput, block_manager: BlockManager) -> torch.Tensor:
         """One forward pass over the step's chunks (on every rank); logits [num sampling chunks, V] in chunk order."""

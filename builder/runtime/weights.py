@@ -7,9 +7,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from builder.checkpoint.shard import shard_shape
+from builder.checkpoint.trtllm import TensorSpec, expected_weights, rank_layout
 from builder.config import ModelConfig
 from builder.errors import ConfigError
+from builder.quantize.modes import validate_model_quantization
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -21,23 +22,14 @@ def torch_dtype(name: str) -> torch.dtype:
     return TORCH_DTYPES[name]
 
 
+def expected_layout(cfg: ModelConfig) -> dict[str, TensorSpec]:
+    """Every required tensor of one rank: name -> TensorSpec (per-rank shape and dtype; see docs/contracts.md)."""
+    return {t.name: t for t in rank_layout(cfg, expected_weights(cfg), cfg.mapping.tp_size)}
+
+
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every required tensor name and its per-rank shape for this model config (see docs/contracts.md)."""
-    hidden, inter, head = cfg.hidden_size, cfg.intermediate_size, cfg.head_size
-    qkv_rows = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * head
-    shapes = {"transformer.vocab_embedding.weight": (cfg.vocab_size, hidden),
-              "transformer.ln_f.weight": (hidden,), "lm_head.weight": (cfg.vocab_size, hidden)}
-    for i in range(cfg.num_hidden_layers):
-        p = f"transformer.layers.{i}."
-        shapes |= {p + "input_layernorm.weight": (hidden,), p + "post_layernorm.weight": (hidden,),
-                   p + "attention.qkv.weight": (qkv_rows, hidden),
-                   p + "attention.dense.weight": (hidden, cfg.num_attention_heads * head),
-                   p + "mlp.fc.weight": (inter, hidden), p + "mlp.gate.weight": (inter, hidden),
-                   p + "mlp.proj.weight": (hidden, inter)}
-        if cfg.attn_bias:
-            shapes[p + "attention.qkv.bias"] = (qkv_rows,)
-    tp = cfg.mapping.tp_size
-    return {name: shard_shape(name, shape, cfg, tp) for name, shape in shapes.items()}
+    return {name: spec.shape for name, spec in expected_layout(cfg).items()}
 
 
 def check_mapping(cfg: ModelConfig) -> int:
@@ -59,12 +51,30 @@ def load_weights(engine_dir: Path, cfg: ModelConfig, device: torch.device, rank:
     if not path.is_file():
         raise ConfigError(f"engine folder {engine_dir} has no {path.name}; rebuild it with `builder build`")
     dtype = torch_dtype(cfg.dtype)
+    validate_model_quantization(cfg, tp)
+    layout = expected_layout(cfg)
     weights: dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt") as f:
         for name in f.keys():
-            weights[name] = f.get_tensor(name).to(device=device, dtype=dtype)
-    _check(weights, expected_shapes(cfg), path)
+            weights[name] = _as_stored(f.get_tensor(name), layout.get(name), dtype, path).to(device)
+    _check(weights, {name: spec.shape for name, spec in layout.items()}, path)
     return weights
+
+
+def _as_stored(tensor: torch.Tensor, spec: TensorSpec | None, dtype: torch.dtype, path: Path) -> torch.Tensor:
+    """A loaded tensor in its layout dtype: float tensors cast (model dtype, fp32 scales), int8/e4m3 kept as is."""
+    want = dtype if spec is None else spec.dtype
+    if want in (torch.int8, torch.float8_e4m3fn):
+        if tensor.dtype == want:
+            return tensor
+        if want == torch.float8_e4m3fn and tensor.dtype in (torch.int8, torch.uint8):
+            return tensor.view(torch.float8_e4m3fn)  # TensorRT-LLM also accepts FP8 weights stored as int8 views
+        raise ConfigError(f"{path}: {spec.name} is {tensor.dtype}, expected {want} for "
+                          "quant_algo in config.json; rebuild the engine with `builder build`")
+    if not tensor.is_floating_point() or tensor.dtype == torch.float8_e4m3fn:
+        raise ConfigError(f"{path}: {spec.name if spec else 'a tensor'} is {tensor.dtype}, expected {want}; the "
+                          "weights do not match config.json's quantization, rebuild the engine")
+    return tensor.to(want)
 
 
 def _check(weights: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], path: Path) -> None:

@@ -13,6 +13,8 @@ import plugins
 from builder.checkpoint.shard import local_heads
 from builder.config import ModelConfig
 from builder.errors import ConfigError
+from builder.quantize.modes import linear_quant_algo
+from builder.quantize.weight_only import unpack_int4, weight_only_bits, weight_only_quantize
 
 LOGITS_CHUNK_ROWS = 8192  # vocab rows of lm_head upcast to float32 at a time
 
@@ -52,32 +54,94 @@ def rope_tables(cfg: ModelConfig, max_positions: int, device: torch.device) -> t
 
 
 @dataclass
+class Linear:
+    """One linear layer of this rank, quantized or not, ready for the reference GEMM.
+
+    Quantized weights are dequantized once at load and held in the model dtype ([out, in]; the choice: correctness
+    and CPU speed over memory, so a quantized engine uses as much memory as an unquantized one):
+      None           the checkpoint weight;
+      W8A16 / W4A16  the float checkpoint weight quantized per output channel as trtllm-build does
+                     (weight_only_quantize on this rank's shard: amax/128 or amax/8, scale in the model dtype), then
+                     int * scale rounded to the model dtype, as the weight-only kernels dequantize;
+      W4A16_AWQ      unpacked int4 * group scale (cast to the model dtype as trtllm-build does); the activations are
+                     multiplied by prequant_scaling_factor in every forward;
+      FP8            the e4m3 weight values (exact in fp16/bf16/fp32); every forward quantizes the activations with
+                     the static activation_scaling_factor and rescales by activation * weight scale.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    pre_quant_scale: torch.Tensor | None = None  # W4A16_AWQ [in], model dtype
+    input_scale: torch.Tensor | None = None      # FP8 activation_scaling_factor fp32 [1]
+    weight_scale: torch.Tensor | None = None     # FP8 weights_scaling_factor fp32 [1]
+
+    @classmethod
+    def load(cls, weights: dict[str, torch.Tensor], module: str, algo: str | None, group_size: int,
+             dtype: torch.dtype) -> "Linear":
+        """Build module's linear from the rank's checkpoint tensors (`module`.weight, .bias, scales)."""
+        weight, bias = weights[module + ".weight"], weights.get(module + ".bias")
+        if algo is None:
+            return cls(weight, bias)
+        if algo in ("W8A16", "W4A16"):
+            q, scale = weight_only_quantize(weight, weight_only_bits(algo), dtype)
+            return cls(_dequantized(q, scale[:, None], dtype), bias)
+        if algo == "W4A16_AWQ":
+            scales = weights[module + ".weights_scaling_factor"]
+            q = unpack_int4(weight)
+            if scales.shape[1] * group_size != q.shape[1]:
+                raise ConfigError(f"{module}: {scales.shape[1]} scale groups for {q.shape[1]} inputs do not match "
+                                  f"group_size {group_size}; rebuild the engine")
+            expanded = scales.to(dtype).repeat_interleave(group_size, dim=1)
+            return cls(_dequantized(q, expanded, dtype), bias, pre_quant_scale=weights[module +
+                                                                                      ".prequant_scaling_factor"])
+        if algo == "FP8":
+            return cls(weight.to(dtype), bias, input_scale=weights[module + ".activation_scaling_factor"],
+                       weight_scale=weights[module + ".weights_scaling_factor"])
+        raise ConfigError(f"quant_algo {algo!r} is not supported by this runtime; rebuild with `builder build`")
+
+    def __call__(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        """x @ weight^T (+ bias unless with_bias is False)."""
+        bias = self.bias if with_bias else None
+        if self.pre_quant_scale is None and self.input_scale is None:
+            return F.linear(x, self.weight, bias)
+        return plugins.quantized_linear(x, self.weight, bias, pre_quant_scale=self.pre_quant_scale,
+                                        input_scale=self.input_scale, weight_scale=self.weight_scale)
+
+
+def _dequantized(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Integer weights times (broadcast) scales, computed in float32 and rounded once to dtype."""
+    return (q.float() * scale.float()).to(dtype)
+
+
+@dataclass
 class LayerWeights:
     """One decoder layer's tensors (TensorRT-LLM names in comments)."""
 
     input_norm: torch.Tensor        # input_layernorm.weight
-    qkv: torch.Tensor               # attention.qkv.weight
-    qkv_bias: torch.Tensor | None   # attention.qkv.bias
-    dense: torch.Tensor             # attention.dense.weight
-    dense_bias: torch.Tensor | None  # attention.dense.bias
+    qkv: Linear                     # attention.qkv (.weight, .bias, quantization tensors)
+    dense: Linear                   # attention.dense
     post_norm: torch.Tensor         # post_layernorm.weight
-    fc: torch.Tensor                # mlp.fc.weight (SiLU branch)
-    gate: torch.Tensor              # mlp.gate.weight
-    proj: torch.Tensor              # mlp.proj.weight
-    fc_bias: torch.Tensor | None
-    gate_bias: torch.Tensor | None
-    proj_bias: torch.Tensor | None
+    fc: Linear                      # mlp.fc (SiLU branch)
+    gate: Linear                    # mlp.gate
+    proj: Linear                    # mlp.proj
+    kv_scale: torch.Tensor | None   # attention.kv_cache_scaling_factor fp32 [1] (INT8/FP8 KV cache)
 
     @classmethod
-    def from_weights(cls, weights: dict[str, torch.Tensor], layer: int) -> "LayerWeights":
-        """Pick layer `layer`'s tensors out of the engine's weight dict."""
+    def from_weights(cls, weights: dict[str, torch.Tensor], layer: int, cfg: ModelConfig) -> "LayerWeights":
+        """Pick layer `layer`'s tensors out of the engine's weight dict (quantized per cfg.quantization)."""
         p = f"transformer.layers.{layer}."
-        get = weights.get
-        return cls(weights[p + "input_layernorm.weight"], weights[p + "attention.qkv.weight"],
-                   get(p + "attention.qkv.bias"), weights[p + "attention.dense.weight"],
-                   get(p + "attention.dense.bias"), weights[p + "post_layernorm.weight"],
-                   weights[p + "mlp.fc.weight"], weights[p + "mlp.gate.weight"], weights[p + "mlp.proj.weight"],
-                   get(p + "mlp.fc.bias"), get(p + "mlp.gate.bias"), get(p + "mlp.proj.bias"))
+        quant, dtype = cfg.quantization, getattr(torch, cfg.dtype)
+
+        def linear(module: str) -> Linear:
+            return Linear.load(weights, p + module, linear_quant_algo(quant, p + module), quant.group_size, dtype)
+
+        kv_scale = weights.get(p + "attention.kv_cache_scaling_factor") if quant.kv_cache_quant_algo else None
+        if quant.kv_cache_quant_algo and kv_scale is None:
+            raise ConfigError(f"{p}attention.kv_cache_scaling_factor is missing for the {quant.kv_cache_quant_algo} "
+                              "KV cache; rebuild the engine")
+        return cls(weights[p + "input_layernorm.weight"], linear("attention.qkv"), linear("attention.dense"),
+                   weights[p + "post_layernorm.weight"], linear("mlp.fc"), linear("mlp.gate"), linear("mlp.proj"),
+                   None if kv_scale is None else kv_scale.float())
 
 
 class LlamaModel:
@@ -100,7 +164,7 @@ class LlamaModel:
         self.embedding = weights["transformer.vocab_embedding.weight"]
         self.final_norm = weights["transformer.ln_f.weight"]
         self.lm_head = weights["lm_head.weight"]
-        self.layers = [LayerWeights.from_weights(weights, i) for i in range(cfg.num_hidden_layers)]
+        self.layers = [LayerWeights.from_weights(weights, i, cfg) for i in range(cfg.num_hidden_layers)]
         self.cos, self.sin = rope_tables(cfg, max_positions, device)
         self.scale = cfg.head_size ** -0.5
 
@@ -133,22 +197,22 @@ class LlamaModel:
                    meta: plugins.AttentionMetadata, w: LayerWeights) -> torch.Tensor:
         """Fused QKV projection, RoPE, KV-cache store, paged attention and output projection."""
         nq, nkv, d = self.num_heads, self.num_kv_heads, self.cfg.head_size
-        qkv = F.linear(x, w.qkv, w.qkv_bias)
+        qkv = w.qkv(x)
         q, k, v = qkv.split([nq * d, nkv * d, nkv * d], dim=-1)
         q, k = plugins.rotary_embedding(q.view(-1, nq, d), k.view(-1, nkv, d), positions, self.cos, self.sin)
         v = v.reshape(-1, nkv, d)
-        plugins.store_kv_cache(k, v, layer_cache[0], layer_cache[1], meta)
-        out = plugins.paged_attention(q, layer_cache[0], layer_cache[1], meta, self.scale)
-        return self._row_parallel(out.reshape(-1, nq * d), w.dense, w.dense_bias)
+        plugins.store_kv_cache(k, v, layer_cache[0], layer_cache[1], meta, w.kv_scale)
+        out = plugins.paged_attention(q, layer_cache[0], layer_cache[1], meta, self.scale, w.kv_scale)
+        return self._row_parallel(out.reshape(-1, nq * d), w.dense)
 
     def _mlp(self, x: torch.Tensor, w: LayerWeights) -> torch.Tensor:
         """SwiGLU: proj(silu(fc(x)) * gate(x))."""
-        act = F.silu(F.linear(x, w.fc, w.fc_bias)) * F.linear(x, w.gate, w.gate_bias)
-        return self._row_parallel(act, w.proj, w.proj_bias)
+        act = F.silu(w.fc(x)) * w.gate(x)
+        return self._row_parallel(act, w.proj)
 
-    def _row_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _row_parallel(self, x: torch.Tensor, linear: Linear) -> torch.Tensor:
         """x @ weight.T summed over ranks, then + bias (kept whole on every rank, added once)."""
         if self.all_reduce is None:
-            return F.linear(x, weight, bias)
-        out = self.all_reduce(F.linear(x, weight))
-        return out if bias is None else out + bias
+            return linear(x)
+        out = self.all_reduce(linear(x, with_bias=False))
+        return out if linear.bias is None else out + linear.bias

@@ -173,13 +173,32 @@ def test_awq_roundtrip_is_exact_on_grid_weights():
     assert torch.allclose(dequantize_linear(t, "W4A16_AWQ", g), w)
 
 
-def test_awq_dequantize_error_is_half_a_step():
+def test_awq_dequantize_error_is_half_a_step_inside_the_clip_range():
+    """Weights inside a group's (clipped) range round to the nearest step; those beyond it saturate at +-7."""
     w = torch.randn(32, 128, generator=gen())
     s = torch.rand(128, generator=gen(1)) + 0.5
     t = quantize_linear(w, "W4A16_AWQ", group_size=64, awq_scales=s, dtype=torch.float32)
     step = t["weights_scaling_factor"].repeat_interleave(64, dim=1) * t["prequant_scaling_factor"][None, :]
     err = (dequantize_linear(t, "W4A16_AWQ", 64) - w).abs()
-    assert bool((err <= step / 2 + 1e-6).all())
+    inside = w.abs() <= 7 * step
+    assert bool((err[inside] <= step[inside] / 2 + 1e-6).all())
+    assert bool((unpack_int4(t["weight"])[~inside].abs() >= 7).all())
+
+
+def test_clip_search_lowers_the_round_trip_error():
+    """AWQ's clip search picks per-group ranges with less squared error than plain amax/7, never more."""
+    from builder.quantize.weight_only import clipped_groupwise_scales, groupwise_scales
+
+    w = torch.randn(64, 256, generator=gen())
+    g = 128
+
+    def err(scales):
+        q = torch.round(w / scales.repeat_interleave(g, dim=1)).clamp(-8, 7)
+        return ((q * scales.repeat_interleave(g, dim=1) - w) ** 2).reshape(64, 2, g).sum(-1)
+
+    plain, clipped = groupwise_scales(w, g), clipped_groupwise_scales(w, g)
+    assert bool((err(clipped) <= err(plain) + 1e-9).all())
+    assert float(err(clipped).sum()) < 0.9 * float(err(plain).sum())
 
 
 def test_awq_group_size_mismatch_is_detected():
@@ -227,7 +246,8 @@ def test_awq_beats_plain_int4_on_outlier_channels():
     found = awq_search([q, k], x_cal, group_size=128)
     assert 0 < found.alpha <= 1 and found.loss < found.plain_loss and found.scales.shape == (256,)
     w = torch.cat([q, k])
-    awq = reference_linear(x_test, quantize_awq(w, 128, found.scales, torch.float32), "W4A16_AWQ", 128)
+    awq = reference_linear(x_test, quantize_awq(w, 128, found.scales, torch.float32, x_cal.abs().mean(0)),
+                           "W4A16_AWQ", 128)
     plain = reference_linear(x_test, quantize_awq(w, 128, None, torch.float32), "W4A16_AWQ", 128)
     exact = x_test @ w.t()
     assert float(((awq - exact) ** 2).mean()) < 0.8 * float(((plain - exact) ** 2).mean())

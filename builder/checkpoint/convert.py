@@ -129,13 +129,13 @@ def _produce(ckpt: HFCheckpoint, source: str, sources: dict[str, WeightSpec], cf
     if algo not in CALIBRATED_ALGOS:
         return {spec.name: shard}  # float tensors; W8A16/W4A16 are quantized by trtllm-build (decisions.md)
     stats, short = calib.layers[layer], module.split(".", 3)[-1]  # e.g. attention.qkv
-    scales = None
-    if algo == "W4A16_AWQ":  # column-parallel: the full [in] scales; row-parallel: the rank's input slice
-        scales = split_for_rank(f"{module}.prequant_scaling_factor", stats.get("awq_scales", short), cfg, rank,
-                                tp_size)
+    scales = x_abs_mean = None
+    if algo == "W4A16_AWQ":  # column-parallel: the full [in] vectors; row-parallel: the rank's input slice
+        scales, x_abs_mean = (split_for_rank(f"{module}.prequant_scaling_factor", stats.get(table, short), cfg, rank,
+                                             tp_size) for table in ("awq_scales", "awq_x_abs_mean"))
     tensors = quantize_linear(shard, algo, group_size=quant.group_size, dtype=dtype,
                               act_stats=ActivationStats(input_amax=stats.get("input_amax", short)),
-                              awq_scales=scales, weight_amax=stats.get("weight_amax", short))
+                              awq_scales=scales, awq_x_abs_mean=x_abs_mean, weight_amax=stats.get("weight_amax", short))
     return {f"{module}.{part}": tensor for part, tensor in tensors.items()}
 
 

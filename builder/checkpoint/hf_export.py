@@ -212,8 +212,11 @@ def _produce(layout: _Layout, name: str, calib) -> Iterator[tuple[str, torch.Ten
     if algo == "W8A16":
         parts = int8_weight_only(tensor)
     elif algo in ("W4A16", "W4A16_AWQ"):
-        scales = calib.layers[layer].awq_scales[CALIB_MODULE.get(module, module)] if algo == "W4A16_AWQ" else None
-        awq = quantize_awq(tensor, quant.group_size, scales, dtype)
+        scales = x_abs_mean = None
+        if algo == "W4A16_AWQ":
+            stats, key = calib.layers[layer], CALIB_MODULE.get(module, module)
+            scales, x_abs_mean = stats.awq_scales[key], stats.awq_x_abs_mean[key]
+        awq = quantize_awq(tensor, quant.group_size, scales, dtype, x_abs_mean)
         parts = {"weight": awq["weight"].view(torch.uint8), "weight_scale": awq["weights_scaling_factor"]}
         if algo == "W4A16_AWQ" and FOLDED_INTO.get(module) is None:
             parts["pre_quant_scale"] = awq["prequant_scaling_factor"]

@@ -2,7 +2,7 @@
 
 Checkpoint tensors of one linear (ModelOpt's TensorRT-LLM export layout):
   weight                  int8 [out/2, in]  Q(W * s), int4 packed two adjacent output rows per byte
-  weights_scaling_factor  fp32 [out, in/g]  amax/7 of each group of W * s
+  weights_scaling_factor  fp32 [out, in/g]  (r * amax)/7 of each group of W * s, clip ratio r from AWQ's clip search
   prequant_scaling_factor model dtype [in]  1/s, multiplied into the activations before the GEMM
 """
 
@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from builder.errors import ConfigError
-from builder.quantize.weight_only import (dequantize_int4_groupwise, fake_quantize_int4_groupwise, groupwise_scales,
-                                          pack_int4, quantize_int4_groupwise, unpack_int4)
+from builder.quantize.weight_only import (clipped_groupwise_scales, dequantize_int4_groupwise,
+                                          fake_quantize_int4_groupwise, pack_int4, quantize_int4_groupwise,
+                                          unpack_int4)
 
 SCALE_CLAMP = (1e-4, 1e4)
 
@@ -89,15 +90,20 @@ def _grouped_error(weights: Sequence[torch.Tensor], x: torch.Tensor, group_size:
 
 
 def quantize_awq(weight: torch.Tensor, group_size: int, scales: torch.Tensor | None,
-                 dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """W4A16_AWQ tensors of one linear; scales=None stores plain group-wise int4 (prequant scale 1)."""
+                 dtype: torch.dtype = torch.float16, x_abs_mean: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """W4A16_AWQ tensors of one linear; scales=None stores plain group-wise int4 (prequant scale 1).
+
+    x_abs_mean [in] (calibration mean |x| per input channel) makes the clip search activation-aware: the error of
+    input channel j of W * s is weighted by (mean|x_j| / s_j)^2, the activation it meets after the prequant scale.
+    """
     weight, in_features = weight.detach(), weight.shape[1]
     s = torch.ones(in_features) if scales is None else scales.float()
     if s.shape != (in_features,):
         raise ConfigError(f"AWQ scales have shape {tuple(s.shape)}, expected ({in_features},)")
     pre_quant = (1.0 / s).to(dtype)
     scaled = weight.float() / pre_quant.float()  # W * s, with s exactly the inverse of the stored prequant scale
-    w_scales = groupwise_scales(scaled, group_size)
+    channel_weight = None if x_abs_mean is None else (x_abs_mean.float() * pre_quant.float()) ** 2
+    w_scales = clipped_groupwise_scales(scaled, group_size, channel_weight)
     return {
         "weight": pack_int4(quantize_int4_groupwise(scaled, w_scales)),
         "weights_scaling_factor": w_scales,

@@ -55,6 +55,7 @@ class LayerCalibration:
     input_amax: dict[str, float] = field(default_factory=dict)
     weight_amax: dict[str, float] = field(default_factory=dict)
     awq_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # s fp32 [in] of the full layer
+    awq_x_abs_mean: dict[str, torch.Tensor] = field(default_factory=dict)  # mean |x| fp32 [in]: AWQ's clip search
     awq_alpha: dict[str, float] = field(default_factory=dict)
     k_amax: float = 0.0  # bound on |K| after RoPE
     v_amax: float = 0.0
@@ -162,6 +163,7 @@ def calibrate(ckpt, cfg: ModelConfig, tokens: torch.Tensor, max_samples: int = M
                     found = awq_search(weights, stats[key].input_samples, quant.group_size,
                                        x_abs_mean=stats[key].input_abs_mean)
                     result.awq_scales[module], result.awq_alpha[module] = found.scales, found.alpha
+                    result.awq_x_abs_mean[module] = stats[key].input_abs_mean
             layers.append(result)
             del w
             if progress is not None:

@@ -21,7 +21,7 @@ LINEAR_ALGOS = (None, "W8A16", "W4A16", "W4A16_AWQ", "FP8")
 
 def quantize_linear(weight: torch.Tensor, algo: str | None, *, group_size: int = 128,
                     dtype: torch.dtype = torch.float16, act_stats: ActivationStats | None = None,
-                    awq_scales: torch.Tensor | None = None,
+                    awq_scales: torch.Tensor | None = None, awq_x_abs_mean: torch.Tensor | None = None,
                     weight_amax: float | None = None) -> dict[str, torch.Tensor]:
     """Checkpoint tensors (suffix after the module name -> tensor) of one linear weight [out, in]."""
     _check_algo(algo)
@@ -30,7 +30,7 @@ def quantize_linear(weight: torch.Tensor, algo: str | None, *, group_size: int =
         # W8A16/W4A16: trtllm-build quantizes float weights itself (decisions.md, "Quantization").
         return {"weight": weight.to(dtype)}
     if algo == "W4A16_AWQ":
-        return quantize_awq(weight, group_size, awq_scales, dtype)
+        return quantize_awq(weight, group_size, awq_scales, dtype, awq_x_abs_mean)
     if act_stats is None:
         raise ConfigError("FP8 needs calibrated activation statistics for every quantized linear; "
                           "run calibration (--calib-data) or exclude the layer")

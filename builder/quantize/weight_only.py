@@ -47,6 +47,42 @@ def groupwise_scales(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.where(scales == 0, torch.ones_like(scales), scales)
 
 
+CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 down to 0.5, as AWQ's clip search
+CLIP_CHUNK_ROWS = 2048
+
+
+def clipped_groupwise_scales(weight: torch.Tensor, group_size: int, channel_weight: torch.Tensor | None = None,
+                             ratios: tuple[float, ...] = CLIP_RATIOS) -> torch.Tensor:
+    """Per-group int4 scales fp32 [out, in/g] = (r * amax)/7, r chosen per group to minimise the output error.
+
+    AWQ's clip search: shrinking a group's range clips its few largest weights but quantizes the rest more finely.
+    The squared error of each input channel is weighted by channel_weight [in] (the expected squared activation
+    it multiplies; uniform when None). Ratio 1.0 (plain amax/7) wins ties, so weights already on the int4 grid
+    keep their exact scales.
+    """
+    best = groupwise_scales(weight, group_size)
+    out_features, in_features = weight.shape
+    cw = None if channel_weight is None else channel_weight.float().reshape(in_features // group_size, group_size)
+    for start in range(0, out_features, CLIP_CHUNK_ROWS):
+        w = weight[start:start + CLIP_CHUNK_ROWS].float().reshape(-1, in_features // group_size, group_size)
+        plain = best[start:start + CLIP_CHUNK_ROWS]
+        best_err = _group_error(w, plain, cw)
+        for ratio in ratios[1:]:
+            candidate = plain * ratio
+            err = _group_error(w, candidate, cw)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best[start:start + CLIP_CHUNK_ROWS] = torch.where(better, candidate, best[start:start + CLIP_CHUNK_ROWS])
+    return best
+
+
+def _group_error(w: torch.Tensor, scales: torch.Tensor, cw: torch.Tensor | None) -> torch.Tensor:
+    """Weighted sum of squared int4 round-trip errors per group: w [rows, groups, g], scales [rows, groups]."""
+    s = scales[..., None]
+    err = (torch.round(w / s).clamp(INT4_MIN, INT4_MAX) * s - w) ** 2
+    return (err if cw is None else err * cw).sum(dim=-1)
+
+
 def quantize_int4_groupwise(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Quantize [out, in] with fp32 [out, in/g] scales to int4 values (int8 [out, in], unpacked)."""
     expanded = _expand_groups(scales, weight.shape[1])

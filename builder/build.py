@@ -8,8 +8,9 @@ import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from builder.config import BuildSettings, EngineConfig
+from builder.config import BuildSettings, EngineConfig, QuantOptions
 from builder.errors import BuilderError, ConfigError, OutputExistsError
+from builder.quantize.accuracy import EvalOptions
 
 TINY_MODELS = {
     "tiny-llama": "LlamaForCausalLM",
@@ -27,6 +28,9 @@ class BuildOptions:
     force: bool = False
     settings: BuildSettings = field(default_factory=BuildSettings)
     tp_size: int = 1  # tensor parallelism: rank{0..tp_size-1}.safetensors, mapping.world_size = tp_size
+    quant: QuantOptions = field(default_factory=QuantOptions)  # --quant, --kv-cache-dtype, --group-size, --calib-*
+    evaluation: EvalOptions = field(default_factory=EvalOptions)  # --eval, --eval-data, --max-ppl-increase
+    backend: str = "portable"  # --backend: portable | tensorrtllm | trtllm-pytorch (builder.repo.trtllm_backend)
 
 
 def resolve_model_dir(model: str, scratch: Path) -> Path:
@@ -76,14 +80,20 @@ def check_output(output: Path, force: bool) -> None:
 
 def build(options: BuildOptions) -> EngineConfig:
     """Run the whole build; the output folder appears only when complete and validated."""
-    from builder.checkpoint.convert import convert_checkpoint
+    from builder.checkpoint.convert import check_quant_options, convert_checkpoint
     from builder.checkpoint.hf import HFCheckpoint, copy_tokenizer
     from builder.repo.render import render_repository
+    from builder.quantize.accuracy import check_eval_options, evaluate_build
     from builder.repo.validate import validate_repository
 
     output = options.output.expanduser().resolve()
     check_output(output, options.force)
     precheck_settings(options.settings)
+    check_quant_options(options.quant)
+    check_eval_options(options.evaluation)
+    from builder.repo.trtllm_backend import build_trtllm_target, precheck_backend
+
+    precheck_backend(options)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.building-", dir=output.parent))
     try:
@@ -91,7 +101,18 @@ def build(options: BuildOptions) -> EngineConfig:
         checkpoint = HFCheckpoint(hf_dir)
         settings = resolve_settings(options.settings, checkpoint.config)
         copy_tokenizer(hf_dir, staging / "tokenizer")
-        engine_config = convert_checkpoint(hf_dir, staging / "engine", settings, tp_size=options.tp_size)
+        def evaluate(engine_dir: Path, config: EngineConfig) -> None:
+            """Accuracy report (engine_dir/accuracy.json) and --max-ppl-increase gate (AccuracyGateError)."""
+            evaluate_build(options.evaluation, hf_dir, staging / "tokenizer", engine_dir, config, settings, staging)
+
+        if options.backend != "portable":  # TensorRT-LLM targets: checkpoint + repository + scripts
+            engine_config = build_trtllm_target(options, hf_dir, staging, settings, output, evaluate)
+            validate_repository(staging / "repository")
+            _move_into_place(staging / "repository", output)
+            return engine_config
+        engine_config = convert_checkpoint(hf_dir, staging / "engine", settings, tp_size=options.tp_size,
+                                           quant=options.quant)
+        evaluate(staging / "engine", engine_config)
         repo = staging / "repository"
         render_repository(repo, engine_config, staging / "engine", staging / "tokenizer")
         validate_repository(repo)

@@ -1,4 +1,4 @@
-"""The `builder` command line: build, serve, generate, tiny. Each subcommand calls one function."""
+"""The `builder` command line: build, serve, generate, bench, tiny. Each subcommand calls one function."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from builder.config import DTYPES, BuildSettings
+from builder.config import DTYPES, ENGINE_BACKENDS, BuildSettings
 from builder.errors import BuilderError
 
 
@@ -31,7 +31,35 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="device the engine runs on when served (cpu, cuda)")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel size: one weight shard and one process (GPU) per rank when served")
+    p.add_argument("--backend", default="portable", choices=ENGINE_BACKENDS,
+                   help="engine: portable (builder's runtime in Triton's python backend), tensorrtllm (TensorRT-LLM "
+                        "1.2.x checkpoint + trtllm-build script, C++ tensorrtllm backend), trtllm-pytorch (HF-format "
+                        "checkpoint for TensorRT-LLM's PyTorch backend, llmapi model); docs/deploy-tensorrt-llm.md")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    q = p.add_argument_group("quantization")
+    q.add_argument("--quant", default="none", choices=("none", "int8_wo", "int4_wo", "int4_awq", "fp8"),
+                   help="weight quantization: int8_wo/int4_wo = W8A16/W4A16 (per channel, quantized by trtllm-build "
+                        "from the float weights), int4_awq = W4A16_AWQ (calibrated, group-wise), fp8 = FP8 "
+                        "weights and activations (calibrated, per tensor)")
+    q.add_argument("--group-size", type=int, default=None,
+                   help="int4_awq group size: 64 or 128 (default 128); must divide every rank's input width")
+    q.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8", "fp8"),
+                   help="KV cache storage: auto = model dtype; int8/fp8 with calibrated per-layer scales")
+    q.add_argument("--exclude-modules", nargs="+", default=None, metavar="PATTERN",
+                   help="TensorRT-LLM module names (fnmatch) to keep unquantized (default: lm_head)")
+    q.add_argument("--calib-data", type=Path, default=None,
+                   help="UTF-8 text file to calibrate on (int4_awq, fp8, int8/fp8 KV); default: bundled corpus")
+    q.add_argument("--calib-size", type=int, default=16, help="calibration sequences")
+    q.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence")
+    e = p.add_argument_group("accuracy (docs/performance.md)")
+    e.add_argument("--eval", default="auto", choices=("auto", "on", "off"),
+                   help="measure perplexity and KL divergence against the unquantized model (converted to a temp "
+                        "folder, tp 1) and write tensorrt_llm/1/engine/accuracy.json; auto: when quantizing")
+    e.add_argument("--eval-data", type=Path, default=None,
+                   help="UTF-8 held-out text to evaluate on (default: the bundled held-out documentation text)")
+    e.add_argument("--eval-tokens", type=int, default=8192, help="tokens to score (0: the whole text)")
+    e.add_argument("--max-ppl-increase", type=float, default=None, metavar="PCT",
+                   help="fail the build when perplexity rises more than PCT percent over the unquantized model")
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -67,12 +95,20 @@ def _add_tiny(sub: argparse._SubParsersAction) -> None:
                    choices=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"))
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    """Options of `builder bench` (defined in builder.bench)."""
+    from builder.bench import add_arguments
+
+    add_arguments(sub.add_parser("bench", help="load a running server over gRPC streaming: TTFT, inter-token "
+                                 "latency, throughput (JSON + PNG)"))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(prog="builder", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_build, _add_serve, _add_generate, _add_tiny):
+    for add in (_add_build, _add_serve, _add_generate, _add_tiny, _add_bench):
         add(sub)
     return parser.parse_args(argv)
 
@@ -80,15 +116,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def cmd_build(args: argparse.Namespace) -> int:
     """Run `builder build`."""
     from builder.build import BuildOptions, build
+    from builder.config import QuantOptions
+    from builder.quantize.accuracy import EvalOptions, read_report
 
     settings = BuildSettings(dtype=args.dtype, max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
                              max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
                              tokens_per_block=args.tokens_per_block, kv_cache_memory_mb=args.kv_cache_memory_mb,
                              kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction, device=args.device)
     config = build(BuildOptions(output=args.output, model=args.model, force=args.force, settings=settings,
-                                tp_size=args.tp))
+                                tp_size=args.tp, quant=QuantOptions(
+                                    quant=args.quant, kv_cache_dtype=args.kv_cache_dtype, group_size=args.group_size,
+                                    exclude_modules=args.exclude_modules, calib_data=args.calib_data,
+                                    calib_size=args.calib_size, calib_seq_len=args.calib_seq_len),
+                                backend=args.backend, evaluation=EvalOptions(
+                                    mode=args.eval, max_ppl_increase=args.max_ppl_increase, eval_data=args.eval_data,
+                                    max_tokens=args.eval_tokens)))
+    report = read_report(args.output.expanduser())
+    if report is not None:
+        print(report.summary())
     print(f"built {config.model.architecture} ({config.build.dtype}, max_seq_len {config.build.max_seq_len}) "
           f"-> {args.output}")
+    if args.backend != "portable":  # TensorRT-LLM targets: the engine is built here only if trtllm-build is on PATH
+        from builder.trtllm_build import finish
+
+        result = finish(args.output.expanduser().resolve(), args.backend)
+        print(result.line)
+        return result.exit_code  # 0, or 3 when trtllm-build ran and failed (builder.trtllm_build)
     print(f"serve it with: builder serve {args.output}")
     return 0
 
@@ -124,7 +177,14 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"build": cmd_build, "serve": cmd_serve, "generate": cmd_generate, "tiny": cmd_tiny}
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run `builder bench`."""
+    from builder.bench import run_cli
+
+    return run_cli(args)
+
+
+COMMANDS = {"build": cmd_build, "serve": cmd_serve, "generate": cmd_generate, "tiny": cmd_tiny, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,8 @@ rewrites them when the repository has been moved or is mounted elsewhere.
 from __future__ import annotations
 
 import copy
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -217,20 +219,31 @@ def render_llmapi_repository(repo_dir: Path, engine_config: EngineConfig, checkp
     return repo_dir
 
 
-def build_trtllm_target(options, hf_dir: Path, staging: Path, settings, final_repo: Path) -> EngineConfig:
+def build_trtllm_target(options, hf_dir: Path, staging: Path, settings, final_repo: Path,
+                        evaluate: Callable[[Path, EngineConfig], None] | None = None) -> EngineConfig:
     """The TensorRT-LLM part of `builder build` (options: builder.build.BuildOptions): checkpoint + repository in
-    staging/repository. The caller validates it and moves it into place."""
+    staging/repository. The caller validates it and moves it into place.
+
+    evaluate(checkpoint_dir, config), when given, measures a TensorRT-LLM checkpoint of these quantized weights with
+    builder's runtime (the accuracy report and --max-ppl-increase gate) before anything is rendered."""
     from builder.checkpoint.convert import check_quant_options, convert_checkpoint
 
     repo = staging / "repository"
     if options.backend == "tensorrtllm":
         engine_config = convert_checkpoint(hf_dir, staging / "engine", settings, tp_size=options.tp_size,
                                            quant=options.quant)
+        if evaluate is not None:
+            evaluate(staging / "engine", engine_config)
         render_tensorrtllm_repository(repo, engine_config, staging / "engine", staging / "tokenizer", final_repo)
         return engine_config
     if options.backend == "trtllm-pytorch":
         from builder.checkpoint.hf_export import export_hf_checkpoint
 
+        if evaluate is not None:  # the HF export holds the same quantized values as this TensorRT-LLM checkpoint
+            checkpoint = staging / "eval-checkpoint"
+            evaluate(checkpoint, convert_checkpoint(hf_dir, checkpoint, settings, tp_size=options.tp_size,
+                                                    quant=options.quant))
+            shutil.rmtree(checkpoint, ignore_errors=True)
         engine_config = export_hf_checkpoint(hf_dir, staging / "hf_export", settings, tp_size=options.tp_size,
                                              quant_config=check_quant_options(options.quant),
                                              quant_options=options.quant)

@@ -6,16 +6,17 @@ import itertools
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from builder.config import EngineConfig
 from builder.errors import BuilderError, ConfigError, RequestError
 from builder.runtime.block_manager import BlockManager
-from builder.runtime.model_runner import ModelRunner, num_kv_blocks
+from builder.runtime.model_runner import ModelRunner, StepInput, num_kv_blocks
 from builder.runtime.sampler import Sampler
 from builder.runtime.sampling_params import SamplingParams
-from builder.runtime.scheduler import Scheduler, SchedulerOutput
+from builder.runtime.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from builder.runtime.sequence import Sequence
 from builder.runtime.weights import check_mapping
 
@@ -156,10 +157,79 @@ class LLMEngine:
 
     def _run(self, batch: SchedulerOutput) -> torch.Tensor:
         """The step's forward pass; under tensor parallelism a failure on any rank closes the engine."""
-        if self._workers is None:
-            return self.runner.run(batch, self.block_manager)
+        return self._guarded(lambda: self.runner.run(batch, self.block_manager))
+
+    def score(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+        """Teacher-forced float32 logits [len(p), V] for every position of each prompt (row t predicts token t+1).
+
+        Runs on an idle engine: the prompts are prefilled through the same paged-KV forward pass as generation
+        (several per step, long ones in chunks of max_num_tokens), nothing is sampled and the KV blocks are freed
+        afterwards. Each prompt must fit max_seq_len and the KV pool. Used by builder.quantize.accuracy.
+        """
+        self._check_open()
+        if self.has_unfinished():
+            raise RequestError("score() needs an idle engine; finish or abort the in-flight requests first")
+        build, vocab = self.config.build, self.config.model.vocab_size
+        seqs = []
+        for k, prompt in enumerate(prompts):
+            ids = [int(t) for t in prompt]
+            if not ids or len(ids) > build.max_seq_len:
+                raise RequestError(f"score() prompt {k} has {len(ids)} tokens; it needs 1..max_seq_len "
+                                   f"({build.max_seq_len})")
+            if self.block_manager.blocks_for(len(ids)) > self.block_manager.num_blocks:
+                raise RequestError(f"score() prompt {k} ({len(ids)} tokens) needs more KV blocks than the whole "
+                                   f"pool ({self.block_manager.num_blocks}); raise kv_cache_memory_mb")
+            _check_ids("prompt", ids, vocab)
+            seqs.append(Sequence(f"score-{k}", ids, SamplingParams()))
+        # rows of float32 logits per step: max_num_tokens, capped near 1 GiB of logits for large vocabularies
+        budget_rows = max(1, min(self.max_num_tokens, 2**28 // max(1, vocab)))
+        results: list[list[torch.Tensor]] = [[] for _ in seqs]
+        pending = list(range(len(seqs)))
         try:
-            return self.runner.run(batch, self.block_manager)
+            while pending:
+                chunks, owners, budget = [], [], budget_rows
+                for i in pending:  # in order; a prompt gets all of its KV blocks when it first runs
+                    seq = seqs[i]
+                    if not seq.block_table:
+                        if len(owners) >= self.max_batch_size or \
+                                not self.block_manager.can_grow(seq, seq.num_tokens):
+                            break
+                        self.block_manager.grow(seq, seq.num_tokens)
+                    n = min(seq.num_uncomputed_tokens, budget)
+                    chunks.append(ScheduledChunk(seq, n, True))
+                    owners.append(i)
+                    budget -= n
+                    if budget == 0:
+                        break
+                if not chunks:
+                    raise RequestError("score(): the KV pool has no room for the next prompt; raise "
+                                       "kv_cache_memory_mb")
+                step = self.runner.prepare(SchedulerOutput(chunks), self.block_manager)
+                step.last_rows = list(range(len(step.input_ids)))  # logits for every position, not just the last
+                logits = self._guarded(lambda: self._execute(step))
+                for i, part in zip(owners, logits.split([c.num_tokens for c in chunks])):
+                    seqs[i].num_computed_tokens += part.shape[0]
+                    results[i].append(part)
+                    if seqs[i].num_uncomputed_tokens == 0:
+                        self.block_manager.free(seqs[i])
+                pending = [i for i in pending if seqs[i].num_uncomputed_tokens]
+        finally:
+            for seq in seqs:
+                self.block_manager.free(seq)
+        return [torch.cat(parts) for parts in results]
+
+    def _execute(self, step: StepInput) -> torch.Tensor:
+        """Send a prepared step to the other ranks (if any) and run it here; rank 0's logits."""
+        if self.runner.broadcast is not None:
+            self.runner.broadcast(step)
+        return self.runner.execute(step)
+
+    def _guarded(self, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """forward(); under tensor parallelism a failure on any rank closes the engine."""
+        if self._workers is None:
+            return forward()
+        try:
+            return forward()
         except BaseException as exc:
             dead = self._workers.dead_ranks(wait=1.0) if isinstance(exc, Exception) else ""
             self.close()  # the ranks are out of step now

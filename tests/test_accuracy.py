@@ -155,6 +155,10 @@ def test_report_round_trips(tmp_path):
     assert read_report(tmp_path) == report
     assert "+0.25%" in report.summary() and "W4A16" in report.summary() and "\n" not in report.summary()
     assert read_report(tmp_path / "missing") is None
+    checkpoint = tmp_path / "repo" / "tensorrt_llm" / "1" / "checkpoint"  # --backend tensorrtllm keeps it here
+    checkpoint.mkdir(parents=True)
+    write_report(report, checkpoint)
+    assert read_report(tmp_path / "repo") == report
 
 
 # ---- the build: accuracy.json in the repository, --max-ppl-increase gate -----------------------------------------

@@ -31,7 +31,7 @@ CALIB = dict(calib_size=4, calib_seq_len=64)  # small: calibration stays well un
 LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")
 ROW_PARALLEL = ("attention.dense", "mlp.proj")
 F32, F16 = torch.float32, torch.float16
-# (--quant, --kv-cache-dtype) cases; int4_wo's TP case excludes the row-parallel linears (see test below)
+# (--quant, --kv-cache-dtype) cases
 CASES = [("none", "auto"), ("int8_wo", "auto"), ("int4_wo", "auto"), ("int4_awq", "auto"), ("fp8", "auto"),
          ("none", "int8"), ("none", "fp8"), ("fp8", "fp8"), ("int4_awq", "int8")]
 ALGO = {"none": None, "int8_wo": "W8A16", "int4_wo": "W4A16", "int4_awq": "W4A16_AWQ", "fp8": "FP8"}
@@ -218,35 +218,29 @@ def _prompts(tokenizer_dir: Path) -> list[list[int]]:
 
 @pytest.mark.parametrize("quant,kv", CASES[1:])
 def test_tp2_equals_tp1(ref_engines, quant, kv):
-    """Greedy outputs of the quantized engine at TP=2 equal TP=1 (fp32 activations)."""
-    extra = {}
-    if quant == "int4_wo":  # trtllm-build quantizes W4A16 per rank: row-parallel scales differ by design
-        extra = dict(exclude_modules=["lm_head", "transformer.layers.*.attention.dense",
-                                      "transformer.layers.*.mlp.proj"])
+    """Greedy outputs of the quantized engine at TP=2 equal TP=1 (fp32 activations), every mode, no layer excluded."""
     params = SamplingParams(max_tokens=12)
     prompts = _prompts(reference_model_dir())
     outs = []
     for tp in (1, 2):
-        with LLMEngine(ref_engines(quant, kv, tp, **extra)) as engine:
+        with LLMEngine(ref_engines(quant, kv, tp)) as engine:
             outs.append(engine.generate(prompts, params))
     assert outs[0] == outs[1]
     assert all(len(o) == 12 for o in outs[0])
 
 
-def test_weight_only_is_quantized_per_rank_like_trtllm(ref_engines):
-    """W8A16/W4A16: each rank quantizes its own float shard per output channel (as trtllm-build does on the
-    rank's weights), so a row-parallel linear's scales at TP=2 come from half of each row."""
-    from builder.runtime.model_runner import ModelRunner
-
-    engine = ref_engines("int4_wo", "auto", 2)
-    config = EngineConfig.load(engine)
+def test_weight_only_row_parallel_shards_use_whole_row_scales(ref_engines):
+    """W8A16/W4A16 quantized at load: a row-parallel shard given the whole rows' amax (what the engine all-reduces
+    under TP) gives exactly its slice of the unsplit layer's quantized weight; its own amax would not."""
     full = rank_files(ref_engines("none", "auto", 1))[0]["transformer.layers.0.mlp.proj.weight"]
-    runner = ModelRunner(engine, config, torch.device("cpu"), num_blocks=1, rank=1)
-    got = runner.model.layers[0].proj.weight
-    q, scale = weight_only_quantize(full.chunk(2, dim=1)[1], 4, torch.float32)
-    assert torch.equal(got, q.float() * scale[:, None])
     q_full, scale_full = weight_only_quantize(full, 4, torch.float32)
-    assert not torch.equal(got, (q_full.float() * scale_full[:, None]).chunk(2, dim=1)[1])
+    whole = (q_full.float() * scale_full[:, None]).chunk(2, dim=1)
+    row_amax = full.float().abs().amax(dim=1)
+    for rank, part in enumerate(full.chunk(2, dim=1)):
+        q, scale = weight_only_quantize(part, 4, torch.float32, row_amax)
+        assert torch.equal(q.float() * scale[:, None], whole[rank])
+    q, scale = weight_only_quantize(full.chunk(2, dim=1)[1], 4, torch.float32)
+    assert not torch.equal(q.float() * scale[:, None], whole[1])
 
 
 def teacher_forced_logits(engine_dir: Path, ids: list[int]) -> torch.Tensor:

@@ -18,9 +18,6 @@ pytestmark = pytest.mark.server
 PROMPTS = ["Hello", "The server streams tokens from a paged cache", "Café 東京 🚀 and more text to prefill " * 3]
 QUANT_MODES = ["none", "int8_wo", "int4_wo", "int4_awq", "fp8"]
 KV_CACHE_DTYPES = ["int8", "fp8"]
-# int4_wo: trtllm-build quantizes W4A16 per rank, so row-parallel linears get per-rank channel scales and TP=2 is
-# not TP=1 by design; keep those two unquantized here so the comparison is exact.
-EXCLUDE = {"int4_wo": ["lm_head", "transformer.layers.*.attention.dense", "transformer.layers.*.mlp.proj"]}
 
 
 def _build_quantized(output, tp: int, quant: str = "none", kv: str = "auto"):
@@ -28,7 +25,7 @@ def _build_quantized(output, tp: int, quant: str = "none", kv: str = "auto"):
     settings = BuildSettings(dtype="float32", max_batch_size=64, max_input_len=128, max_seq_len=256,
                              max_num_tokens=256, kv_cache_memory_mb=8)
     options = QuantOptions(quant=quant, kv_cache_dtype=kv, group_size=128 if quant == "int4_awq" else None,
-                           exclude_modules=EXCLUDE.get(quant), calib_size=4, calib_seq_len=128)
+                           calib_size=4, calib_seq_len=128)
     build(BuildOptions(output=output, model=str(reference_model_dir()), settings=settings, tp_size=tp, quant=options,
                        evaluation=EvalOptions(mode="off")))  # the accuracy report is tested elsewhere
     return output

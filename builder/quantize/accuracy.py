@@ -274,9 +274,12 @@ def write_report(report: AccuracyReport, path: str | Path) -> Path:
 
 
 def read_report(path: str | Path) -> AccuracyReport | None:
-    """The report at path (a file, an engine folder or a model repository); None when there is none."""
+    """The report at path (a file, an engine folder or a model repository); None when there is none.
+
+    In a repository: tensorrt_llm/1/engine (portable backend) or tensorrt_llm/1/checkpoint (--backend tensorrtllm)."""
     path = Path(path)
-    for candidate in (path, path / REPORT_FILE, path / "tensorrt_llm" / "1" / "engine" / REPORT_FILE):
+    model = path / "tensorrt_llm" / "1"
+    for candidate in (path, path / REPORT_FILE, model / "engine" / REPORT_FILE, model / "checkpoint" / REPORT_FILE):
         if candidate.is_file():
             return AccuracyReport.from_dict(json.loads(candidate.read_text()))
     return None

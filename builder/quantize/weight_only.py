@@ -121,11 +121,15 @@ def weight_only_bits(algo: str) -> int:
     return bits
 
 
-def weight_only_quantize(weight: torch.Tensor, bits: int,
-                         scale_dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
-    """TensorRT-LLM's per-output-channel quantizer: (int8 values [out, in], per_channel_scale [out])."""
+def weight_only_quantize(weight: torch.Tensor, bits: int, scale_dtype: torch.dtype = torch.float16,
+                         row_amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """TensorRT-LLM's per-output-channel quantizer: (int8 values [out, in], per_channel_scale [out]).
+
+    row_amax [out] replaces the rows' own absolute maxima: a tensor-parallel shard of a row-parallel layer passes the
+    maxima of the whole rows, so every rank quantizes with the scales the unsplit layer would have."""
     qmax, weight = 2 ** (bits - 1), weight.detach()
-    scale = weight.float().abs().amax(dim=1) * (1.0 / qmax)
+    amax = weight.float().abs().amax(dim=1) if row_amax is None else row_amax.float()
+    scale = amax * (1.0 / qmax)
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
     x = weight.float() / safe[:, None]
     q = torch.sign(x) * torch.floor(x.abs() + 0.5)  # C round(): half away from zero

@@ -70,6 +70,11 @@ class TensorParallel:
         dist.all_reduce(tensor)
         return tensor
 
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Element-wise maximum of tensor over all ranks, in place; returned."""
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
     def gather(self, tensor: torch.Tensor) -> list[torch.Tensor] | None:
         """Every rank's `tensor` (same shape on all ranks) on rank 0, in rank order; None on the other ranks."""
         if self.rank == 0:

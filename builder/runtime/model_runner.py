@@ -86,8 +86,9 @@ class ModelRunner:
         self.broadcast = broadcast
         self.vocab_size = m.vocab_size
         self.tokens_per_block = b.tokens_per_block
-        all_reduce = self.tp.all_reduce if self.tp is not None else None
-        self.model = LlamaModel(m, load_weights(engine_dir, m, device, rank), b.max_seq_len, device, all_reduce)
+        all_reduce, all_reduce_max = (self.tp.all_reduce, self.tp.all_reduce_max) if self.tp else (None, None)
+        self.model = LlamaModel(m, load_weights(engine_dir, m, device, rank), b.max_seq_len, device, all_reduce,
+                                all_reduce_max)
         self.kv_cache = torch.zeros(m.num_hidden_layers, 2, num_blocks, b.tokens_per_block, local_heads(m)[1],
                                     m.head_size, dtype=kv_cache_dtype(engine_config), device=device)
 

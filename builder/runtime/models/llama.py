@@ -53,6 +53,9 @@ def rope_tables(cfg: ModelConfig, max_positions: int, device: torch.device) -> t
     return emb.cos().to(device), emb.sin().to(device)
 
 
+ROW_PARALLEL = ("attention.dense", "mlp.proj")  # linears whose input dimension is split across ranks
+
+
 @dataclass
 class Linear:
     """One linear layer of this rank, quantized or not, ready for the reference GEMM.
@@ -60,9 +63,11 @@ class Linear:
     Quantized weights are dequantized once at load and held in the model dtype ([out, in]; the choice: correctness
     and CPU speed over memory, so a quantized engine uses as much memory as an unquantized one):
       None           the checkpoint weight;
-      W8A16 / W4A16  the float checkpoint weight quantized per output channel as trtllm-build does
-                     (weight_only_quantize on this rank's shard: amax/128 or amax/8, scale in the model dtype), then
-                     int * scale rounded to the model dtype, as the weight-only kernels dequantize;
+      W8A16 / W4A16  the float checkpoint weight quantized per output channel with TensorRT-LLM's quantizer
+                     (weight_only_quantize: amax/128 or amax/8, scale in the model dtype), then int * scale rounded to
+                     the model dtype, as the weight-only kernels dequantize; under tensor parallelism a row-parallel
+                     shard uses the amax of its whole rows (all-reduced), so TP=N runs exactly the TP=1 weights
+                     (trtllm-build takes each rank's own amax instead: decisions.md);
       W4A16_AWQ      unpacked int4 * group scale (cast to the model dtype as trtllm-build does); the activations are
                      multiplied by prequant_scaling_factor in every forward;
       FP8            the e4m3 weight values (exact in fp16/bf16/fp32); every forward quantizes the activations with
@@ -77,13 +82,17 @@ class Linear:
 
     @classmethod
     def load(cls, weights: dict[str, torch.Tensor], module: str, algo: str | None, group_size: int,
-             dtype: torch.dtype) -> "Linear":
-        """Build module's linear from the rank's checkpoint tensors (`module`.weight, .bias, scales)."""
+             dtype: torch.dtype, row_amax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> "Linear":
+        """Build module's linear from the rank's checkpoint tensors (`module`.weight, .bias, scales).
+
+        row_amax, for a row-parallel shard under tensor parallelism, turns the shard's per-row amax into the whole
+        rows' amax (an all-reduce max over the ranks)."""
         weight, bias = weights[module + ".weight"], weights.get(module + ".bias")
         if algo is None:
             return cls(weight, bias)
         if algo in ("W8A16", "W4A16"):
-            q, scale = weight_only_quantize(weight, weight_only_bits(algo), dtype)
+            amax = None if row_amax is None else row_amax(weight.float().abs().amax(dim=1))
+            q, scale = weight_only_quantize(weight, weight_only_bits(algo), dtype, amax)
             return cls(_dequantized(q, scale[:, None], dtype), bias)
         if algo == "W4A16_AWQ":
             scales = weights[module + ".weights_scaling_factor"]
@@ -127,13 +136,16 @@ class LayerWeights:
     kv_scale: torch.Tensor | None   # attention.kv_cache_scaling_factor fp32 [1] (INT8/FP8 KV cache)
 
     @classmethod
-    def from_weights(cls, weights: dict[str, torch.Tensor], layer: int, cfg: ModelConfig) -> "LayerWeights":
+    def from_weights(cls, weights: dict[str, torch.Tensor], layer: int, cfg: ModelConfig,
+                     all_reduce_max: Callable[[torch.Tensor], torch.Tensor] | None = None) -> "LayerWeights":
         """Pick layer `layer`'s tensors out of the engine's weight dict (quantized per cfg.quantization)."""
         p = f"transformer.layers.{layer}."
         quant, dtype = cfg.quantization, getattr(torch, cfg.dtype)
 
         def linear(module: str) -> Linear:
-            return Linear.load(weights, p + module, linear_quant_algo(quant, p + module), quant.group_size, dtype)
+            row_amax = all_reduce_max if module in ROW_PARALLEL else None
+            return Linear.load(weights, p + module, linear_quant_algo(quant, p + module), quant.group_size, dtype,
+                               row_amax)
 
         kv_scale = weights.get(p + "attention.kv_cache_scaling_factor") if quant.kv_cache_quant_algo else None
         if quant.kv_cache_quant_algo and kv_scale is None:
@@ -153,7 +165,8 @@ class LlamaModel:
     """
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int,
-                 device: torch.device, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 device: torch.device, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 all_reduce_max: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Bind the weights and precompute the RoPE tables for positions < max_positions."""
         if cfg.hidden_act != "silu" or cfg.position_embedding_type != "rope_gpt_neox":
             raise ConfigError(f"model uses hidden_act={cfg.hidden_act!r}, position_embedding_type="
@@ -164,7 +177,8 @@ class LlamaModel:
         self.embedding = weights["transformer.vocab_embedding.weight"]
         self.final_norm = weights["transformer.ln_f.weight"]
         self.lm_head = weights["lm_head.weight"]
-        self.layers = [LayerWeights.from_weights(weights, i, cfg) for i in range(cfg.num_hidden_layers)]
+        row_amax = all_reduce_max if cfg.mapping.tp_size > 1 else None
+        self.layers = [LayerWeights.from_weights(weights, i, cfg, row_amax) for i in range(cfg.num_hidden_layers)]
         self.cos, self.sin = rope_tables(cfg, max_positions, device)
         self.scale = cfg.head_size ** -0.5
 

@@ -215,7 +215,8 @@ def run_one(hf_dir: Path, out_dir: Path, mode: str, tp: int, calib_size: int, ca
     if proc.returncode == 0 and bench:
         report = json.loads(bench[-1][6:])
         seconds = report["convert_seconds"]
-        result |= {"convert_seconds": round(seconds, 1), "peak_rss_gib": round(report["vm_hwm_kb"] * 1024 / GiB, 3), "input_gb_per_s": round(input_bytes / seconds / 1e9, 3),
+        result |= {"convert_seconds": round(seconds, 1), "peak_rss_gib": round(report["vm_hwm_kb"] * 1024 / GiB, 3),
+                   "input_gb_per_s": round(input_bytes / seconds / 1e9, 3),
                    "output_bytes": sum(p.stat().st_size for p in out_dir.glob("rank*.safetensors"))}
     else:
         result["error"] = output.strip().splitlines()[-1][:300] if output.strip() else f"exit {proc.returncode}"

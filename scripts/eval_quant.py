@@ -8,8 +8,9 @@ the unquantized engine, mean KL(unquantized || quantized) of the next-token dist
 
 Besides the CLI modes it builds "int4_rtn_g{64,128}": the int4_awq engine with every AWQ tensor re-made by plain
 round-to-nearest group-wise int4 of the same float weights (scales amax/7, prequant scale 1, same layout and group
-size), i.e. AWQ with its scale search and its clip search switched off. TensorRT-LLM's int4_wo (W4A16) is per channel, so it is not the same-group
-baseline for AWQ; both comparisons are printed.
+size), i.e. AWQ with its scale search and its clip search switched off, and "int4_clip_g{64,128}": the same with
+builder's per-group clip search (unweighted) but no AWQ scales. TensorRT-LLM's int4_wo (W4A16) is per channel, so
+it is not the same-group baseline for AWQ; both comparisons are printed.
 
   nice -n 10 python scripts/eval_quant.py --out /tmp/eval_quant
 """
@@ -37,8 +38,10 @@ CONFIGS = {
     "int4_wo": {"quant": "int4_wo"},
     "int4_awq_g128": {"quant": "int4_awq", "group_size": 128},
     "int4_rtn_g128": None,
+    "int4_clip_g128": None,
     "int4_awq_g64": {"quant": "int4_awq", "group_size": 64},
     "int4_rtn_g64": None,
+    "int4_clip_g64": None,
     "fp8": {"quant": "fp8"},
     "kv_int8": {"kv_cache_dtype": "int8"},
     "kv_fp8": {"kv_cache_dtype": "fp8"},
@@ -46,14 +49,16 @@ CONFIGS = {
 }
 
 
-def make_rtn_engine(awq_dir: Path, float_dir: Path, out_dir: Path) -> None:
-    """Copy the int4_awq engine, replacing each AWQ linear by plain group-wise int4 (RTN) of the float weight."""
+def make_rtn_engine(awq_dir: Path, float_dir: Path, out_dir: Path, clip: bool = False) -> None:
+    """Copy the int4_awq engine, replacing each AWQ linear by plain group-wise int4 (RTN) of the float weight;
+    clip=True: with builder's per-group clip search (unweighted) but no AWQ scales."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     import torch
 
     from builder.config import EngineConfig
+    from builder.quantize.awq import quantize_awq
     from builder.quantize.weight_only import groupwise_scales, pack_int4, quantize_int4_groupwise
     from builder.runtime.weights import torch_dtype
 
@@ -70,6 +75,8 @@ def make_rtn_engine(awq_dir: Path, float_dir: Path, out_dir: Path) -> None:
             scales = groupwise_scales(weight, group)  # amax/7 per group: no clip search, no AWQ scales
             plain = {"weight": pack_int4(quantize_int4_groupwise(weight, scales)), "weights_scaling_factor": scales,
                      "prequant_scaling_factor": torch.ones(weight.shape[1], dtype=dtype)}
+            if clip:
+                plain = quantize_awq(weight, group, None, dtype)  # clip search on W, prequant scale 1
             for suffix, tensor in plain.items():
                 old = tensors[f"{module}.{suffix}"]
                 assert old.shape == tensor.shape and old.dtype == tensor.dtype, (module, suffix)
@@ -154,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def engine(name: str) -> Path:
         path = out / "engines" / name
-        if CONFIGS[name] is None:  # int4_rtn_g{G}: derived from int4_awq_g{G}
-            make_rtn_engine(engine(name.replace("rtn", "awq")), engine("none"), path)
+        if CONFIGS[name] is None:  # int4_{rtn,clip}_g{G}: derived from int4_awq_g{G}
+            awq = name.replace("rtn", "awq").replace("clip", "awq")
+            make_rtn_engine(engine(awq), engine("none"), path, clip="clip" in name)
         elif not (path / "config.json").is_file():
             convert_checkpoint(hf_dir, path, BuildSettings(**vars(settings)), tp_size=1,
                                quant=QuantOptions(**CONFIGS[name], **calib))

@@ -25,8 +25,6 @@ TensorRT-LLM's PyTorch backend has no INT8 KV cache, so --kv-cache-dtype int8 is
 from __future__ import annotations
 
 import json
-import os
-import struct
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -34,15 +32,14 @@ from typing import Any, Callable, Iterator
 import torch
 
 from builder.checkpoint.hf import HFCheckpoint, copy_tokenizer
+from builder.checkpoint.safetensors_io import write_streaming
 from builder.checkpoint.trtllm import IGNORED_SUFFIXES
 from builder.config import BuildSettings, EngineConfig, Mapping, ModelConfig, QuantConfig
-from builder.errors import CheckpointError, ConfigError
+from builder.errors import ConfigError
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 WEIGHTS_FILE = "model.safetensors"
 MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
-            torch.uint8: "U8", torch.float8_e4m3fn: "F8_E4M3"}
 FP8_MAX = 448.0
 INT8_WO_MAX = 127.0  # ModelOpt's int8 weight-only bound (TensorRT-LLM's own build-time quantizer uses 128)
 
@@ -231,40 +228,6 @@ def _produce(layout: _Layout, name: str, calib) -> Iterator[tuple[str, torch.Ten
         yield kv
 
 
-def _header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> bytes:
-    """safetensors header for tensors laid out in order (8-byte length + JSON padded to 8 bytes)."""
-    meta: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, dtype, shape in entries:
-        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        meta[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    body = json.dumps(meta, separators=(",", ":")).encode()
-    body += b" " * (-len(body) % 8)
-    return struct.pack("<Q", len(body)) + body
-
-
-def _write(path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
-           tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
-    """Stream tensors (in entries order, matching dtype and shape) into one safetensors file."""
-    tmp = path.with_name(path.name + ".tmp")
-    expected = iter(entries)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(_header(entries))
-            for name, tensor in tensors:
-                want = next(expected, None)
-                if want is None or (name, tensor.dtype, tuple(tensor.shape)) != (want[0], want[1], tuple(want[2])):
-                    raise CheckpointError(f"internal error writing {path}: got {name} {tensor.dtype} "
-                                          f"{list(tensor.shape)}, expected {want}; please report this bug")
-                f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
-        if next(expected, None) is not None:
-            raise CheckpointError(f"internal error writing {path}: fewer tensors than planned; please report this bug")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _default_calibrate(quant_options, max_len: int) -> Calibrate:
     """Layer-by-layer calibration of builder.quantize.layerwise on --calib-data (the same as the TensorRT-LLM path)."""
     from builder.config import QuantOptions
@@ -315,7 +278,7 @@ def export_hf_checkpoint(hf_dir: Path, out_dir: Path, settings: BuildSettings, t
     layout = _Layout(ckpt, cfg, MODEL_DTYPES[dtype_name])
     names = [n for n in ckpt.names() if not n.endswith(IGNORED_SUFFIXES)]
     entries = [entry for name in names for entry in layout.entries(name)]
-    _write(out_dir / WEIGHTS_FILE, entries, (t for name in names for t in _produce(layout, name, calib)))
+    write_streaming(out_dir / WEIGHTS_FILE, entries, (t for name in names for t in _produce(layout, name, calib)))
     from builder import __version__
 
     producer = {"name": "builder", "version": __version__}

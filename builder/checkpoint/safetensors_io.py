@@ -13,7 +13,7 @@ import torch
 from builder.errors import CheckpointError
 
 ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
-             torch.float8_e4m3fn: "F8_E4M3"}
+             torch.uint8: "U8", torch.float8_e4m3fn: "F8_E4M3"}
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -44,7 +44,7 @@ def write_streaming(path: Path, entries: list[tuple[str, torch.dtype, tuple[int,
                 if want is None or (name, tensor.dtype, tuple(tensor.shape)) != (want[0], want[1], tuple(want[2])):
                     raise CheckpointError(f"internal error writing {path}: got {name} {tensor.dtype} "
                                           f"{list(tensor.shape)}, expected {want}; please report this bug")
-                f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy())  # raw bytes (int8, e4m3 too)
+                f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())  # raw bytes (int8, e4m3 too)
         if next(expected, None) is not None:
             raise CheckpointError(f"internal error writing {path}: fewer tensors than planned; please report this bug")
         os.replace(tmp, path)

@@ -19,7 +19,7 @@ from typing import Any
 
 from builder.errors import BuilderError, RequestError
 from builder.triton.tensors import (
-    EngineRequest, engine_response, parameters, parse_bool, parse_engine_request, scalar)
+    EngineRequest, engine_response, parameters, parse_bool, parse_engine_request, read_inputs, scalar)
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -180,11 +180,7 @@ class TritonPythonModel:
 
     def parse(self, request: Any, sender: Any) -> NewRequest | StopRequest:
         """Read a request's tensors into a NewRequest or StopRequest; RequestError when invalid."""
-        inputs = {}
-        for name in INPUTS:
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            if tensor is not None:
-                inputs[name] = tensor.as_numpy()
+        inputs = read_inputs(request, INPUTS, pb_utils.get_input_tensor_by_name)
         if scalar(inputs, "stop", False):
             if not request.request_id():
                 raise RequestError("stop=true needs the request id of the request to cancel; send it as the "

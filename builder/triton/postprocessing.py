@@ -11,7 +11,7 @@ import numpy as np
 
 from builder.errors import BuilderError
 from builder.triton.detokenizer import Detokenizer, load_detokenizer
-from builder.triton.tensors import parameters, parse_bool
+from builder.triton.tensors import parameters, parse_bool, read_inputs
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -119,11 +119,7 @@ class TritonPythonModel:
 
     def _respond(self, request):
         """Run one request."""
-        inputs = {}
-        for name in INPUTS:
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            if tensor is not None:
-                inputs[name] = tensor.as_numpy()
+        inputs = read_inputs(request, INPUTS, pb_utils.get_input_tensor_by_name)
         if request.is_cancelled():
             return self._cancelled(request, inputs)
         try:

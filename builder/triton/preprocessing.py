@@ -12,7 +12,7 @@ import numpy as np
 
 from builder.errors import BuilderError, RequestError
 from builder.triton.detokenizer import load_tokenizer
-from builder.triton.tensors import batch_word_lists, decode_strings, parameters, parse_bool
+from builder.triton.tensors import batch_word_lists, decode_strings, parameters, parse_bool, read_inputs
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -105,11 +105,7 @@ class TritonPythonModel:
 
     def _respond(self, request):
         """Run one request."""
-        inputs = {}
-        for name in INPUTS:
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            if tensor is not None:
-                inputs[name] = tensor.as_numpy()
+        inputs = read_inputs(request, INPUTS, pb_utils.get_input_tensor_by_name)
         try:
             outputs = self.preprocessor.run(inputs)
         except BuilderError as exc:

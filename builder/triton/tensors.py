@@ -14,6 +14,18 @@ TRUE_STRINGS = ("true", "1", "t", "y", "yes")
 FALSE_STRINGS = ("false", "0", "f", "n", "no")
 
 
+def read_inputs(request, names: Sequence[str], get_tensor) -> dict[str, np.ndarray]:
+    """The named input tensors `request` carries, as numpy arrays; absent optional inputs are left out.
+
+    get_tensor is pb_utils.get_input_tensor_by_name (passed in so this module stays importable outside Triton)."""
+    inputs = {}
+    for name in names:
+        tensor = get_tensor(request, name)
+        if tensor is not None:
+            inputs[name] = tensor.as_numpy()
+    return inputs
+
+
 def parse_bool(value: str | None, default: bool) -> bool:
     """A config parameter as a boolean (TensorRT-LLM's spellings); default when unset or unparsable."""
     if value is None:

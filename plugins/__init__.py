@@ -1,8 +1,11 @@
 """Model ops with one dispatch point each: paged attention, KV-cache store, RMSNorm, rotary embedding, quantized
 linear.
 
-Every op takes and returns plain tensors plus an explicit AttentionMetadata (no global context). Today each op
-runs the torch reference in `plugins.reference`; Triton kernels for CUDA tensors plug in behind `_backend`.
+Every op takes and returns plain tensors plus an explicit AttentionMetadata (no global context). `_backend` picks
+the implementation from the tensor: fp16/bf16 CUDA tensors run the Triton kernels of `plugins.gpu`; CPU tensors and
+float32 (on any device, so float32 engines stay exact: the kernels' dots would run in TF32) run the torch reference
+in `plugins.reference`. Quantized linears are prepared once at load (plugins.linear: prepare_weight_only,
+prepare_fp8) and pick their kernel the same way.
 """
 
 from __future__ import annotations
@@ -12,14 +15,20 @@ from types import ModuleType
 import torch
 
 from plugins import reference
+from plugins.linear import GPU_DTYPES, LinearOp, prepare_fp8, prepare_weight_only, uses_gpu_kernels
 from plugins.metadata import AttentionMetadata
 
-__all__ = ["AttentionMetadata", "fused_add_rms_norm", "paged_attention", "quantized_linear", "rms_norm",
-           "rotary_embedding", "store_kv_cache"]
+__all__ = ["AttentionMetadata", "LinearOp", "fused_add_rms_norm", "paged_attention", "prepare_fp8",
+           "prepare_weight_only", "rms_norm", "rotary_embedding", "silu_and_mul", "store_kv_cache",
+           "uses_gpu_kernels"]
 
 
 def _backend(tensor: torch.Tensor) -> ModuleType:
-    """The op implementations for the device `tensor` lives on (the torch reference until GPU kernels exist)."""
+    """plugins.gpu for fp16/bf16 CUDA tensors, plugins.reference otherwise."""
+    if tensor.is_cuda and tensor.dtype in GPU_DTYPES:
+        import plugins.gpu
+
+        return plugins.gpu
     return reference
 
 
@@ -32,6 +41,11 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (rms_norm(x + residual), x + residual): the residual add fused into the norm."""
     return _backend(x).fused_add_rms_norm(x, residual, weight, eps)
+
+
+def silu_and_mul(y: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of a fused [fc | gate] GEMM output y [..., 2I]: silu(y[..., :I]) * y[..., I:]."""
+    return _backend(y).silu_and_mul(y)
 
 
 def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
@@ -56,12 +70,3 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     A quantized (int8 / e4m3) cache is dequantized with kv_scale as it is read."""
     return _backend(q).paged_attention(q, k_cache, v_cache, meta, scale, kv_scale)
 
-
-def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                     pre_quant_scale: torch.Tensor | None = None, input_scale: torch.Tensor | None = None,
-                     weight_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T + b for a quantized linear whose weight [out, in] is held dequantized (or as exact FP8 values).
-
-    pre_quant_scale [in] (W4A16_AWQ) multiplies x first; input_scale/weight_scale (fp32 [1], FP8) quantize x to
-    e4m3 with the static activation scale and rescale the product by input_scale * weight_scale."""
-    return _backend(x).quantized_linear(x, weight, bias, pre_quant_scale, input_scale, weight_scale)

@@ -26,6 +26,12 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     return rms_norm(summed, weight, eps), summed
 
 
+def silu_and_mul(y: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of a fused [fc | gate] output [..., 2I]: silu(first half) * second half, in y's dtype."""
+    fc, gate = y.chunk(2, dim=-1)
+    return F.silu(fc) * gate
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     """Swap the two halves of the last dim, negating the second: (-x2, x1)."""
     half = x.shape[-1] // 2

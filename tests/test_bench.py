@@ -142,3 +142,111 @@ def test_bench_engine_and_hf_baseline(tiny_checkpoints, tmp_path):
         assert rc == 0 and data["engine"][0]["exact_output_lengths"] and data["engine"][0]["concurrency"] == 3
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("quant, kv", [("int4_awq", "int8"), ("int8_wo", "auto"), ("fp8", "fp8")])
+def test_bench_engine_random_quantized(quant, kv, tmp_path, capsys):
+    from builder.runtime.weights import expected_layout
+
+    bench_engine = load_bench_engine()
+    cfg = bench_engine.random_model_config("tiny", "float32", quant, kv)
+    assert cfg.quantization.exclude_modules == ["lm_head"]
+    assert cfg.quantization.group_size == (64 if quant == "int4_awq" else 128)  # tiny widths: 128 does not divide
+    weights = bench_engine.random_weights(tmp_path, cfg, torch.device("cpu"))
+    layout = expected_layout(cfg)
+    assert weights.keys() == layout.keys()
+    for name, spec in layout.items():
+        t = weights[name]
+        assert (t.dtype, tuple(t.shape)) == (spec.dtype, tuple(spec.shape)), name
+        assert torch.isfinite(t.float()).all(), name
+        if "scaling_factor" in name:
+            assert (t.float() > 0).all(), name
+    if kv != "auto":
+        assert weights["transformer.layers.0.attention.kv_cache_scaling_factor"].item() == pytest.approx(0.05)
+    layer0 = {n: t for n, t in weights.items() if n.startswith("transformer.layers.0.mlp.fc.")}
+    if quant == "int4_awq":
+        assert layer0["transformer.layers.0.mlp.fc.weight"].dtype == torch.int8
+        assert layer0["transformer.layers.0.mlp.fc.prequant_scaling_factor"].dtype == torch.float32  # model dtype
+    elif quant == "fp8":
+        w = layer0["transformer.layers.0.mlp.fc.weight"].float() * layer0["transformer.layers.0.mlp.fc."
+                                                                          "weights_scaling_factor"]
+        assert 0.015 < w.std().item() < 0.025  # dequantized ~ N(0, 0.02)
+    assert weights["lm_head.weight"].dtype == torch.float32  # excluded
+
+    threads = torch.get_num_threads()
+    out = tmp_path / "q.json"
+    try:
+        rc = bench_engine.main(["--random", "tiny", "--quant", quant, "--kv-cache-dtype", kv, "--device", "cpu",
+                                "--input-len", "10", "--output-len", "5", "--num-requests", "2", "--concurrency",
+                                "1,all", "--warmup", "0", "--threads", "1", "--roofline", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    data = json.loads(out.read_text())
+    meta = data["metadata"]["quantization"]
+    assert (meta["quant"], meta["kv_cache_dtype"]) == (quant, kv)
+    assert meta["quant_algo"] == {"int4_awq": "W4A16_AWQ", "int8_wo": "W8A16", "fp8": "FP8"}[quant]
+    assert data["metadata"]["engine"]["model"]["quantization"]["quant_algo"] == meta["quant_algo"]
+    for p in data["engine"]:
+        assert p["errors"] == 0 and p["output_tokens"] == 2 * 5 and p["exact_output_lengths"]
+    assert "skipped" in data["roofline"]
+    printed = capsys.readouterr().out
+    assert f"quant {quant}" in printed and f"kv {kv}" in printed and "roofline: --roofline needs a CUDA" in printed
+
+
+def test_bench_engine_quant_flags_need_random(tiny_checkpoints, tmp_path, capsys):
+    bench_engine = load_bench_engine()
+    for argv in (["--model", str(tiny_checkpoints["LlamaForCausalLM"]), "--quant", "int8_wo"],
+                 ["--engine", str(tmp_path), "--kv-cache-dtype", "int8"],
+                 ["--random", "tiny", "--quant", "int8_wo", "--group-size", "64"]):
+        with pytest.raises(SystemExit) as exc:
+            bench_engine.parse_args(argv)
+        assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "apply to --random models only" in err and "--group-size only applies to --quant int4_awq" in err
+
+
+def test_decode_bytes_and_roofline_math():
+    bench_engine = load_bench_engine()
+    bf16 = bench_engine.random_model_config("llama3-8b", "bfloat16")
+    # by hand: per layer qkv (32 + 2 * 8) * 128 x 4096, dense 4096 x 4096, fc/gate/proj 3 x 14336 x 4096
+    per_layer = 6144 * 4096 + 4096 * 4096 + 3 * 14336 * 4096
+    params = 32 * per_layer + 32 * 2 * 4096 + 4096 + 128256 * 4096 + 4096  # + norms + lm_head + ONE embedding row
+    assert bench_engine.decode_bytes_per_token(bf16, 2, 0) == 2 * params
+    full_model = 2 * (params - 4096 + 128256 * 4096)  # the whole checkpoint: ~16.06e9 bytes
+    assert 16.0e9 < full_model < 16.1e9
+    assert 14.95e9 < bench_engine.decode_bytes_per_token(bf16, 2, 0) < 15.05e9  # minus (almost) the embedding
+    kv_per_token = 32 * 2 * 8 * 128 * 2  # layers * K,V * kv heads * head size * bf16
+    assert bench_engine.decode_bytes_per_token(bf16, 2, 100) - bench_engine.decode_bytes_per_token(bf16, 2, 0) == \
+        pytest.approx(100 * kv_per_token)
+
+    awq = bench_engine.random_model_config("llama3-8b", "bfloat16", "int4_awq", "int8")
+    parts_bf16 = bench_engine.decode_bytes_breakdown(bf16, 2, 0)
+    parts_awq = bench_engine.decode_bytes_breakdown(awq, 1, 0)
+    assert parts_awq["lm_head"] == parts_bf16["lm_head"] == 2 * 128256 * 4096  # lm_head stays bf16
+    ratio = parts_bf16["decoder_linears"] / parts_awq["decoder_linears"]
+    assert 3.5 < ratio < 4.0  # 0.5 byte + fp32 scale per 128 weights + prequant scale vs 2 bytes
+    int8 = bench_engine.random_model_config("llama3-8b", "bfloat16", "int8_wo")
+    fp8 = bench_engine.random_model_config("llama3-8b", "bfloat16", "fp8", "fp8")
+    for cfg in (int8, fp8):
+        linears = bench_engine.decode_bytes_breakdown(cfg, 1, 0)["decoder_linears"]
+        assert 1.99 < parts_bf16["decoder_linears"] / linears < 2.0
+    assert bench_engine.kv_elem_bytes(awq) == 1 and bench_engine.kv_elem_bytes(bf16) == 2
+
+    # mean decode context: prompt 10, 5 outputs -> steps attend to 11..14; prompt 4, 3 outputs -> 5, 6
+    requests = [type("R", (), {"prompt_ids": [0] * 10, "output_len": 5})(),
+                type("R", (), {"prompt_ids": [0] * 4, "output_len": 3})()]
+    assert bench_engine.mean_decode_context(requests) == pytest.approx((11 + 12 + 13 + 14 + 5 + 6) / 6)
+    flops = bench_engine.flops_per_token(bf16, 0)
+    assert flops == 2 * (32 * per_layer + 128256 * 4096)
+    hw = {"hbm": {"read_gb_s": 3000.0}, "gemm": {"tflop_s": 700.0}}
+    points = [{"concurrency": 1, "decode_tok_s_per_request": 100.0, "output_tok_s": 90.0, "total_tok_s": 180.0},
+              {"concurrency": 64, "decode_tok_s_per_request": 50.0, "output_tok_s": 3000.0, "total_tok_s": 6000.0}]
+    roof = bench_engine.engine_roofline(hw, awq, requests, points)
+    expected = 3000e9 / bench_engine.decode_bytes_per_token(awq, 1, roof["mean_decode_context"])
+    assert roof["roofline_tok_s"] == pytest.approx(expected) and 550 < expected < 650
+    assert points[0]["roofline_pct"] == pytest.approx(100.0 / expected * 100)
+    assert "roofline_pct" not in points[1]
+    assert points[1]["tensor_core_pct"] == pytest.approx(3000 * roof["flops_per_token"] / 700e12 * 100)
+    assert points[1]["total_tensor_core_pct"] == pytest.approx(2 * points[1]["tensor_core_pct"])
+    assert roof["notes"] and "tinygemm" in roof["notes"][0]

@@ -128,14 +128,17 @@ class WorkerGroup:
     closed: bool = False
 
     @classmethod
-    def start(cls, engine_dir: Path, device: torch.device, num_blocks: int, world_size: int) -> "WorkerGroup":
+    def start(cls, engine_dir: Path, device: torch.device, num_blocks: int, world_size: int,
+              graph_batch_size: int = 0) -> "WorkerGroup":
         """Spawn ranks 1..world_size-1 and join the process group as rank 0 (weights load in the workers meanwhile).
+
+        graph_batch_size: the ModelRunner option every rank must share (CUDA graphs of decode steps).
 
         Call wait_ready() after rank 0 has loaded its own shard.
         """
         group = cls(world_size, rank_device(device, 0, world_size), timeout_s())
         try:
-            group._spawn(Path(engine_dir), device, num_blocks)
+            group._spawn(Path(engine_dir), device, num_blocks, graph_batch_size)
             group._wait_for("hello", group.timeout)
             group.tp = init_process_group(0, world_size, group.device, group.store, group.timeout)
         except BaseException:
@@ -143,7 +146,7 @@ class WorkerGroup:
             raise
         return group
 
-    def _spawn(self, engine_dir: Path, device: torch.device, num_blocks: int) -> None:
+    def _spawn(self, engine_dir: Path, device: torch.device, num_blocks: int, graph_batch_size: int) -> None:
         """Create the rendezvous store on a free port and start one process per worker rank."""
         import torch.multiprocessing as mp
 
@@ -157,7 +160,7 @@ class WorkerGroup:
             parent, child = ctx.Pipe(duplex=True)
             process = ctx.Process(target=_worker_main, name=f"builder-tp-rank{rank}", daemon=True,
                                   args=(rank, self.world_size, self.store.port, str(engine_dir), str(device),
-                                        num_blocks, child, self.timeout))
+                                        num_blocks, child, self.timeout, graph_batch_size))
             with _main_module_hidden():
                 process.start()
             child.close()
@@ -278,7 +281,7 @@ def _python_executable() -> str | None:
 
 
 def _worker_main(rank: int, world_size: int, port: int, engine_dir: str, device: str, num_blocks: int, conn: Any,
-                 timeout: float) -> None:
+                 timeout: float, graph_batch_size: int = 0) -> None:
     """Worker rank: join the group, load rank{rank}.safetensors, then run every step rank 0 sends until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it stops us through the pipe
     from builder.config import EngineConfig
@@ -293,7 +296,8 @@ def _worker_main(rank: int, world_size: int, port: int, engine_dir: str, device:
         store = dist.TCPStore(HOST, port, world_size, is_master=False, timeout=datetime.timedelta(seconds=timeout))
         tp = init_process_group(rank, world_size, dev, store, timeout)
         config = EngineConfig.load(Path(engine_dir))
-        runner = ModelRunner(Path(engine_dir), config, dev, num_blocks, rank=rank, tp=tp)
+        runner = ModelRunner(Path(engine_dir), config, dev, num_blocks, rank=rank, tp=tp,
+                             graph_batch_size=graph_batch_size)
         conn.send(("ready",))
     except BaseException as exc:  # noqa: BLE001 - report to rank 0, which raises it
         try:

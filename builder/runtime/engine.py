@@ -57,8 +57,12 @@ class LLMEngine:
     """
 
     def __init__(self, engine_dir: str | Path, device: str = "cpu", kv_cache_memory_mb: float | None = None,
-                 max_num_tokens: int | None = None, max_batch_size: int | None = None) -> None:
-        """Load the engine; the overrides replace build_config.json's values of the same name."""
+                 max_num_tokens: int | None = None, max_batch_size: int | None = None,
+                 cuda_graphs: bool = True) -> None:
+        """Load the engine; the overrides replace build_config.json's values of the same name.
+
+        cuda_graphs: capture decode steps (up to max_batch_size sequences) as CUDA graphs on fp16/bf16 CUDA
+        engines (vLLM's enforce_eager=True is cuda_graphs=False); ignored elsewhere."""
         self.config = EngineConfig.load(Path(engine_dir))
         build = self.config.build
         self.max_num_tokens = _positive("max_num_tokens", max_num_tokens or build.max_num_tokens)
@@ -70,17 +74,19 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, build.tokens_per_block)
         self.scheduler = Scheduler(self.block_manager, self.max_batch_size, self.max_num_tokens)
         self._workers = None
+        graph_batch = self.max_batch_size if cuda_graphs else 0
         self._finalizer: weakref.finalize | None = None
         if self.tp_size > 1:
             from builder.runtime.distributed import WorkerGroup
 
-            self._workers = WorkerGroup.start(Path(engine_dir), self.device, num_blocks, self.tp_size)
+            self._workers = WorkerGroup.start(Path(engine_dir), self.device, num_blocks, self.tp_size, graph_batch)
             self._finalizer = weakref.finalize(self, self._workers.close)  # runs at exit if close() was not called
             self.device = self._workers.device
         try:
             self.runner = ModelRunner(Path(engine_dir), self.config, self.device, num_blocks,
                                       tp=self._workers.tp if self._workers else None,
-                                      broadcast=self._workers.send_step if self._workers else None)
+                                      broadcast=self._workers.send_step if self._workers else None,
+                                      graph_batch_size=graph_batch)
             if self._workers:
                 self._workers.wait_ready()
         except BaseException:

@@ -13,10 +13,11 @@ from builder.checkpoint.shard import local_heads
 from builder.config import EngineConfig
 from builder.errors import ConfigError
 from builder.runtime.block_manager import BlockManager
+from builder.runtime.cuda_graphs import DecodeGraphs
 from builder.runtime.models.llama import LlamaModel
 from builder.runtime.scheduler import SchedulerOutput
 from builder.runtime.weights import load_weights, torch_dtype
-from plugins import AttentionMetadata
+from plugins import AttentionMetadata, uses_gpu_kernels
 
 if TYPE_CHECKING:
     from builder.runtime.distributed import TensorParallel
@@ -77,8 +78,11 @@ class ModelRunner:
 
     def __init__(self, engine_dir: Path, engine_config: EngineConfig, device: torch.device, num_blocks: int,
                  rank: int = 0, tp: "TensorParallel | None" = None,
-                 broadcast: Callable[[StepInput], None] | None = None) -> None:
-        """Load rank's weights onto device and allocate the KV cache [layers, 2, num_blocks, tpb, local nkv, d]."""
+                 broadcast: Callable[[StepInput], None] | None = None, graph_batch_size: int = 0) -> None:
+        """Load rank's weights onto device and allocate the KV cache [layers, 2, num_blocks, tpb, local nkv, d].
+
+        graph_batch_size > 0 captures decode steps of up to that many sequences as CUDA graphs (CUDA, fp16/bf16
+        engines only; every tensor-parallel rank must get the same value)."""
         m, b = engine_config.model, engine_config.build
         self.device = device
         self.rank = rank
@@ -91,6 +95,11 @@ class ModelRunner:
                                 all_reduce_max)
         self.kv_cache = torch.zeros(m.num_hidden_layers, 2, num_blocks, b.tokens_per_block, local_heads(m)[1],
                                     m.head_size, dtype=kv_cache_dtype(engine_config), device=device)
+        self.graphs: DecodeGraphs | None = None
+        if graph_batch_size > 0 and uses_gpu_kernels(self.kv_cache, torch_dtype(m.dtype)):
+            self.graphs = DecodeGraphs(self.model, self.kv_cache, graph_batch_size, b.max_seq_len, b.tokens_per_block)
+            with torch.inference_mode():
+                self.graphs.capture()
 
     def run(self, batch: SchedulerOutput, block_manager: BlockManager) -> torch.Tensor:
         """One forward pass over the step's chunks (on every rank); logits [num sampling chunks, V] in chunk order."""
@@ -102,9 +111,13 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor | None:
         """Run this rank's shard of the step; the full logits [N, V] on rank 0, None on the other ranks."""
-        input_ids, positions, meta, last_rows = self._tensors(step)
-        hidden = self.model.forward(input_ids, positions, self.kv_cache, meta)
-        logits = self.model.compute_logits(hidden[last_rows])
+        if self._replays(step):
+            logits = self.graphs.run(step.input_ids, step.positions, step.slots, step.context_lens,
+                                     step.block_tables)
+        else:
+            input_ids, positions, meta, last_rows = self._tensors(step)
+            hidden = self.model.forward(input_ids, positions, self.kv_cache, meta)
+            logits = self.model.compute_logits(hidden[last_rows])
         if self.tp is None:
             return logits
         if not step.last_rows:  # nothing sampled this step: every rank skips the gather
@@ -113,6 +126,12 @@ class ModelRunner:
         if parts is None:
             return None
         return torch.cat(parts, dim=-1)[:, :self.vocab_size]  # drop lm_head's padding rows
+
+    def _replays(self, step: StepInput) -> bool:
+        """True when the step is a pure decode step (one sampled token per sequence) that a captured graph holds."""
+        n = len(step.query_lens)
+        return (self.graphs is not None and len(step.input_ids) == n and len(step.last_rows) == n
+                and self.graphs.fits(n, len(step.block_tables[0])))
 
     def prepare(self, batch: SchedulerOutput, block_manager: BlockManager) -> StepInput:
         """The step's flat input ids, positions, KV slots, lengths, block tables and sampled rows as host lists."""

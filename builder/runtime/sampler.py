@@ -11,13 +11,41 @@ from builder.runtime.sequence import Sequence
 class Sampler:
     """Turns float32 logits [N, V] (one row per sampling sequence) into one token id per sequence."""
 
+    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """Process each row with its sequence's params, then pick greedily or draw with its generator."""
-        picks = []
-        for row, seq in zip(logits, seqs):
-            row = process_logits(row.clone(), seq)
-            picks.append(pick_token(row, seq.params, seq.generator))
-        return torch.stack(picks).tolist() if picks else []
+        """One token id per row; logits may be modified in place.
+
+        Greedy rows without penalties or bad words take one batched argmax (their min_tokens end_id bans applied
+        as one batched mask); the other rows are processed with their sequence's params one by one and picked
+        greedily or drawn with their generator. The ids reach the host in one copy."""
+        if not seqs:
+            return []
+        banned = [(i, seq.params.end_id) for i, seq in enumerate(seqs) if is_batched_greedy(seq) and
+                  _end_id_masked(seq, logits.shape[-1])]
+        if banned:
+            rows, ids = zip(*banned)
+            logits[torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device)] = float("-inf")
+        picks = logits.argmax(dim=-1)
+        special = [i for i, seq in enumerate(seqs) if not is_batched_greedy(seq)]
+        if special:
+            rows_t = torch.tensor(special, dtype=torch.int64, device=logits.device)
+            drawn = [pick_token(process_logits(logits[i].clone(), seqs[i]), seqs[i].params, seqs[i].generator)
+                     for i in special]
+            picks = picks.index_copy(0, rows_t, torch.stack(drawn).to(picks.dtype))
+        return picks.tolist()
+
+
+def is_batched_greedy(seq: Sequence) -> bool:
+    """True when seq's next token is the argmax of its logits after at most the min_tokens end_id ban."""
+    p = seq.params
+    return (p.greedy and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+            and not p.bad_words)
+
+
+def _end_id_masked(seq: Sequence, vocab: int) -> bool:
+    """True while min_tokens bans seq's end_id (process_logits' last rule)."""
+    p = seq.params
+    return p.end_id is not None and len(seq.output_ids) < p.min_tokens and 0 <= p.end_id < vocab
 
 
 def process_logits(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
@@ -29,7 +57,7 @@ def process_logits(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
         apply_presence_frequency(row, seq.output_ids, params.presence_penalty, params.frequency_penalty)
     for token_id in banned_tokens(seq.token_ids, params.bad_words):
         row[token_id] = float("-inf")
-    if params.end_id is not None and len(seq.output_ids) < params.min_tokens and 0 <= params.end_id < row.numel():
+    if _end_id_masked(seq, row.numel()):
         row[params.end_id] = float("-inf")
     return row
 

@@ -63,7 +63,8 @@ def pack_int4_kernel_layout(q: torch.Tensor) -> torch.Tensor:
     return packed.reshape(in_features // 2, out_features).to(torch.int8).contiguous()
 
 
-def _make(q: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype) -> Int4Weight:
+def make_int4_weight(q: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype) -> Int4Weight:
+    """Int4Weight from int4 values int8 [out, in] and scales [out, in / group_size] (any float dtype)."""
     if group_size % (CHUNK // 2):
         raise ValueError(f"group size {group_size} is not a multiple of {CHUNK // 2}")
     return Int4Weight(pack_int4_kernel_layout(q), scales.to(dtype).t().contiguous(), group_size, q.shape[1],
@@ -73,12 +74,12 @@ def _make(q: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.d
 def repack_awq(weight: torch.Tensor, weights_scaling_factor: torch.Tensor, dtype: torch.dtype) -> Int4Weight:
     """Checkpoint W4A16_AWQ tensors (weight int8 [out/2, in], scales fp32 [out, in/g]) -> Int4Weight."""
     q = unpack_int4(weight)
-    return _make(q, weights_scaling_factor, q.shape[1] // weights_scaling_factor.shape[1], dtype)
+    return make_int4_weight(q, weights_scaling_factor, q.shape[1] // weights_scaling_factor.shape[1], dtype)
 
 
 def repack_int4_per_channel(q: torch.Tensor, per_channel_scale: torch.Tensor, dtype: torch.dtype) -> Int4Weight:
     """Per-channel W4A16 (int4 values int8 [out, in], scale [out]) -> Int4Weight with one group per row."""
-    return _make(q, per_channel_scale.reshape(-1, 1), q.shape[1], dtype)
+    return make_int4_weight(q, per_channel_scale.reshape(-1, 1), q.shape[1], dtype)
 
 
 @triton.jit

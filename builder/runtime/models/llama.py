@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import plugins
+from plugins import LinearOp
 from builder.checkpoint.shard import local_heads
 from builder.config import ModelConfig
 from builder.errors import ConfigError
@@ -58,27 +59,24 @@ ROW_PARALLEL = ("attention.dense", "mlp.proj")  # linears whose input dimension 
 
 @dataclass
 class Linear:
-    """One linear layer of this rank, quantized or not, ready for the reference GEMM.
+    """One linear layer of this rank: its weight prepared for the GEMM that runs it, and its bias.
 
-    Quantized weights are dequantized once at load and held in the model dtype ([out, in]; the choice: correctness
-    and CPU speed over memory, so a quantized engine uses as much memory as an unquantized one):
-      None           the checkpoint weight;
+    Unquantized layers hold the checkpoint weight (torch's F.linear). Quantized layers hold a plugins.LinearOp:
       W8A16 / W4A16  the float checkpoint weight quantized per output channel with TensorRT-LLM's quantizer
-                     (weight_only_quantize: amax/128 or amax/8, scale in the model dtype), then int * scale rounded to
-                     the model dtype, as the weight-only kernels dequantize; under tensor parallelism a row-parallel
-                     shard uses the amax of its whole rows (all-reduced), so TP=N runs exactly the TP=1 weights
-                     (trtllm-build takes each rank's own amax instead: decisions.md);
-      W4A16_AWQ      unpacked int4 * group scale (cast to the model dtype as trtllm-build does); the activations are
-                     multiplied by prequant_scaling_factor in every forward;
-      FP8            the e4m3 weight values (exact in fp16/bf16/fp32); every forward quantizes the activations with
-                     the static activation_scaling_factor and rescales by activation * weight scale.
+                     (weight_only_quantize: amax/128 or amax/8, scale in the model dtype); under tensor parallelism a
+                     row-parallel shard uses the amax of its whole rows (all-reduced), so TP=N runs exactly the TP=1
+                     weights (trtllm-build takes each rank's own amax instead: decisions.md);
+      W4A16_AWQ      the checkpoint's packed int4 values and group scales (cast to the model dtype as trtllm-build
+                     does); the activations are multiplied by prequant_scaling_factor in every forward;
+      FP8            the e4m3 weight values; every forward quantizes the activations with the static
+                     activation_scaling_factor and rescales by activation * weight scale.
+    On CPU (and for float32 engines) the op holds the weight dequantized in the model dtype (int * scale rounded to
+    the dtype, as the weight-only kernels dequantize) and runs the torch reference; on CUDA in fp16/bf16 it keeps the
+    int8 / int4 / e4m3 weight and runs the GPU kernels (plugins/linear.py).
     """
 
-    weight: torch.Tensor
+    weight: torch.Tensor | LinearOp
     bias: torch.Tensor | None = None
-    pre_quant_scale: torch.Tensor | None = None  # W4A16_AWQ [in], model dtype
-    input_scale: torch.Tensor | None = None      # FP8 activation_scaling_factor fp32 [1]
-    weight_scale: torch.Tensor | None = None     # FP8 weights_scaling_factor fp32 [1]
 
     @classmethod
     def load(cls, weights: dict[str, torch.Tensor], module: str, algo: str | None, group_size: int,
@@ -92,34 +90,28 @@ class Linear:
             return cls(weight, bias)
         if algo in ("W8A16", "W4A16"):
             amax = None if row_amax is None else row_amax(weight.float().abs().amax(dim=1))
-            q, scale = weight_only_quantize(weight, weight_only_bits(algo), dtype, amax)
-            return cls(_dequantized(q, scale[:, None], dtype), bias)
+            bits = weight_only_bits(algo)
+            q, scale = weight_only_quantize(weight, bits, dtype, amax)
+            return cls(plugins.prepare_weight_only(q, scale[:, None], q.shape[1], bits, dtype), bias)
         if algo == "W4A16_AWQ":
             scales = weights[module + ".weights_scaling_factor"]
             q = unpack_int4(weight)
             if scales.shape[1] * group_size != q.shape[1]:
                 raise ConfigError(f"{module}: {scales.shape[1]} scale groups for {q.shape[1]} inputs do not match "
                                   f"group_size {group_size}; rebuild the engine")
-            expanded = scales.to(dtype).repeat_interleave(group_size, dim=1)
-            return cls(_dequantized(q, expanded, dtype), bias, pre_quant_scale=weights[module +
-                                                                                      ".prequant_scaling_factor"])
+            return cls(plugins.prepare_weight_only(q, scales.to(dtype), group_size, 4, dtype,
+                                                   weights[module + ".prequant_scaling_factor"]), bias)
         if algo == "FP8":
-            return cls(weight.to(dtype), bias, input_scale=weights[module + ".activation_scaling_factor"],
-                       weight_scale=weights[module + ".weights_scaling_factor"])
+            return cls(plugins.prepare_fp8(weight, weights[module + ".activation_scaling_factor"],
+                                           weights[module + ".weights_scaling_factor"], dtype), bias)
         raise ConfigError(f"quant_algo {algo!r} is not supported by this runtime; rebuild with `builder build`")
 
     def __call__(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
         """x @ weight^T (+ bias unless with_bias is False)."""
         bias = self.bias if with_bias else None
-        if self.pre_quant_scale is None and self.input_scale is None:
+        if isinstance(self.weight, torch.Tensor):
             return F.linear(x, self.weight, bias)
-        return plugins.quantized_linear(x, self.weight, bias, pre_quant_scale=self.pre_quant_scale,
-                                        input_scale=self.input_scale, weight_scale=self.weight_scale)
-
-
-def _dequantized(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Integer weights times (broadcast) scales, computed in float32 and rounded once to dtype."""
-    return (q.float() * scale.float()).to(dtype)
+        return self.weight(x, bias)
 
 
 @dataclass
@@ -134,6 +126,7 @@ class LayerWeights:
     gate: Linear                    # mlp.gate
     proj: Linear                    # mlp.proj
     kv_scale: torch.Tensor | None   # attention.kv_cache_scaling_factor fp32 [1] (INT8/FP8 KV cache)
+    fc_gate: Linear | None = None   # [fc; gate] in one weight (GPU, unquantized): one GEMM + fused SwiGLU
 
     @classmethod
     def from_weights(cls, weights: dict[str, torch.Tensor], layer: int, cfg: ModelConfig,
@@ -151,9 +144,30 @@ class LayerWeights:
         if quant.kv_cache_quant_algo and kv_scale is None:
             raise ConfigError(f"{p}attention.kv_cache_scaling_factor is missing for the {quant.kv_cache_quant_algo} "
                               "KV cache; rebuild the engine")
+        fc, gate = linear("mlp.fc"), linear("mlp.gate")
         return cls(weights[p + "input_layernorm.weight"], linear("attention.qkv"), linear("attention.dense"),
-                   weights[p + "post_layernorm.weight"], linear("mlp.fc"), linear("mlp.gate"), linear("mlp.proj"),
-                   None if kv_scale is None else kv_scale.float())
+                   weights[p + "post_layernorm.weight"], fc, gate, linear("mlp.proj"),
+                   None if kv_scale is None else kv_scale.float(), fuse_fc_gate(fc, gate, dtype))
+
+
+def fuse_fc_gate(fc: Linear, gate: Linear, dtype: torch.dtype) -> Linear | None:
+    """One [fc; gate] linear for the GPU kernels (unquantized, no biases), else None.
+
+    fc and gate become views of the fused weight, so it costs no memory; on the CPU the reference keeps two GEMMs."""
+    plain = isinstance(fc.weight, torch.Tensor) and isinstance(gate.weight, torch.Tensor)
+    if not plain or fc.bias is not None or gate.bias is not None or not plugins.uses_gpu_kernels(fc.weight, dtype):
+        return None
+    fused = torch.cat([fc.weight, gate.weight])
+    fc.weight, gate.weight = fused[:fc.weight.shape[0]], fused[fc.weight.shape[0]:]
+    return Linear(fused)
+
+
+def gpu_logits(hidden: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
+    """hidden [N, H] @ lm_head^T with a float32 result, without upcasting lm_head (CUDA, fp16/bf16)."""
+    try:
+        return torch.mm(hidden, lm_head.t(), out_dtype=torch.float32)
+    except (RuntimeError, TypeError):  # a torch without mm.dtype: logits rounded to the model dtype, as HF's
+        return F.linear(hidden, lm_head).float()
 
 
 class LlamaModel:
@@ -200,7 +214,12 @@ class LlamaModel:
         return normed
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits [N, lm_head rows] for hidden rows [N, H] (this rank's vocab slice under TP)."""
+        """Float32 logits [N, lm_head rows] for hidden rows [N, H] (this rank's vocab slice under TP).
+
+        On CUDA in fp16/bf16 one GEMM in the model dtype with float32 accumulation and float32 output (cuBLAS
+        `mm.dtype`); elsewhere in float32, lm_head upcast in row chunks."""
+        if plugins.uses_gpu_kernels(hidden, hidden.dtype):
+            return gpu_logits(hidden, self.lm_head)
         hidden32 = hidden.float()
         if self.lm_head.dtype == torch.float32:
             return F.linear(hidden32, self.lm_head)
@@ -221,7 +240,10 @@ class LlamaModel:
 
     def _mlp(self, x: torch.Tensor, w: LayerWeights) -> torch.Tensor:
         """SwiGLU: proj(silu(fc(x)) * gate(x))."""
-        act = F.silu(w.fc(x)) * w.gate(x)
+        if w.fc_gate is not None:
+            act = plugins.silu_and_mul(w.fc_gate(x))
+        else:
+            act = F.silu(w.fc(x)) * w.gate(x)
         return self._row_parallel(act, w.proj)
 
     def _row_parallel(self, x: torch.Tensor, linear: Linear) -> torch.Tensor:

@@ -3,11 +3,13 @@
 #
 #   scripts/bench_gpu.sh tests offline       # GPU tests + engine-alone sweeps (Llama-3-8B shape, random bf16)
 #   scripts/bench_gpu.sh batch1              # batch-1 decode bf16 / int8_wo / int4_awq / fp8 vs the HBM roofline
-#   scripts/bench_gpu.sh mixed triton        # mixed workload vs HF generate; sweeps through tritonserver
+#   scripts/bench_gpu.sh mixed triton        # mixed workload vs HF generate; sweeps through tritonserver (last:
+#                                            # it switches to the serving venv)
 #   scripts/bench_gpu.sh tp2                 # TP=2 on two GPUs: equality tests + sweep
 #
-# Run from the repository root on the GPU machine (PYTHONPATH is set here). `triton` needs tritonserver and
-# tritonclient: on the device machine first `source .device/setup.sh` (../shared/device/README.md).
+# Run from the repository root on the GPU machine (PYTHONPATH is set here), in the machine's own Python (numpy 2).
+# `triton` needs tritonserver, tritonclient and numpy < 2 for the python backend: it sources .device/setup.sh
+# (../shared/device/README.md) itself, after the stages that need the image's numpy 2 (HF, builder build).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-results}
 mkdir -p "$OUT"
@@ -47,14 +49,32 @@ stage_mixed() {
     | grep -v "^|---" | tail -n 8
 }
 
+serving_env() {
+  # numpy 1.26 for the python backend stub; the image's scipy / scikit-learn are built for numpy 2 and break
+  # transformers' imports under 1.26 (seen 2026-11-21), so the venv sees the image packages without them
+  source .device/setup.sh || return 1
+  local pth
+  pth=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_image_packages.pth
+  local image
+  image=$(cat "$pth")
+  [ "$image" = /tmp/image-site ] && return 0
+  mkdir -p /tmp/image-site
+  for f in "$image"/*; do
+    case $(basename "$f") in scipy*|sklearn*|scikit_learn*) ;; *) ln -sfn "$f" /tmp/image-site/ ;; esac
+  done
+  echo /tmp/image-site > "$pth"
+}
+
 stage_triton() {
   local ckpt=/tmp/random-llama3-8b repo=/tmp/repo-llama3-8b log=$OUT/server.log
   [ -d $ckpt ] || $PY scripts/make_random_checkpoint.py --shape llama3-8b --device cuda --out $ckpt | tail -n 2
   $PY -m builder.cli build --model $ckpt --output $repo --force --dtype bfloat16 --device cuda --eval off \
-    --max-batch-size 256 --max-input-len 1024 --max-seq-len 1152 --max-num-tokens 8192 | tail -n 2
+    --max-batch-size 256 --max-input-len 1024 --max-seq-len 1152 --max-num-tokens 8192 | tail -n 2 || return 1
+  serving_env || return 1  # from here on server and client run in the numpy 1.26 venv (tritonclient is there)
+  PY=python3
   $PY -m builder.cli serve $repo --grpc-port 18001 --http-port 18000 --metrics-port 18002 > $log 2>&1 &
   local server=$!
-  for _ in $(seq 600); do grep -q "^builder: ready" $log && break; sleep 1; done
+  for _ in $(seq 300); do grep -q "^builder: ready" $log && break; kill -0 $server 2>/dev/null || return 1; sleep 1; done
   $PY -m builder.cli bench --url localhost:18001 --repo $repo --input-len 128 --output-len 128 --concurrency 1 \
     --num-requests 6 --out "$OUT/triton-128-128-c1" | tail -n 3
   $PY -m builder.cli bench --url localhost:18001 --repo $repo --input-len 128 --output-len 128 \

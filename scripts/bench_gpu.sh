@@ -3,59 +3,74 @@
 #
 #   scripts/bench_gpu.sh tests offline       # GPU tests + engine-alone sweeps (Llama-3-8B shape, random bf16)
 #   scripts/bench_gpu.sh batch1              # batch-1 decode bf16 / int8_wo / int4_awq / fp8 vs the HBM roofline
-#   scripts/bench_gpu.sh mixed triton        # mixed workload vs HF generate; sweeps through tritonserver (last:
-#                                            # it switches to the serving venv)
-#   scripts/bench_gpu.sh tp2                 # TP=2 on two GPUs: equality tests + sweep
+#   scripts/bench_gpu.sh mixed triton        # mixed workload vs HF generate; sweeps through tritonserver (put
+#                                            # triton last: it switches to the serving venv)
+#   scripts/bench_gpu.sh tp2                 # TP=2 on two GPUs: equality tests + batch 1 and 64 at TP 1 and 2
 #
 # Run from the repository root on the GPU machine (PYTHONPATH is set here), in the machine's own Python (numpy 2).
-# `triton` needs tritonserver, tritonclient and numpy < 2 for the python backend: it sources .device/setup.sh
-# (../shared/device/README.md) itself, after the stages that need the image's numpy 2 (HF, builder build).
+# `triton` needs tritonserver, tritonclient and numpy < 2 for the python backend: when tritonclient is missing it
+# sources .device/setup.sh (../shared/device/README.md) after the build, which needs the image's numpy 2.
+# Dry run of the stages' plumbing on a CPU machine with the tiny shape and short requests:
+#   SMALL=1 PYTHON=.venv/bin/python scripts/bench_gpu.sh offline mixed triton
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-results}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
-BENCH="$PY scripts/bench_engine.py --random-llama3-8b --device cuda --roofline"
+if [ "${SMALL:-0}" = 1 ]; then
+  SHAPE=tiny DEVICE=cpu DTYPE=float32 SHORT=16 LONG=64 OUT_LEN=8 MAX_SEQ=96 N=8 LEVELS=2,4 C_BIG=4 NMIX=6
+  MIX_RANGES="--input-range 8-32 --output-range 4-16" ROOF=""
+else
+  SHAPE=llama3-8b DEVICE=cuda DTYPE=bfloat16 SHORT=128 LONG=1024 OUT_LEN=128 MAX_SEQ=1152 N=512 LEVELS=16,64,256
+  C_BIG=64 NMIX=128 MIX_RANGES="" ROOF="--roofline"
+fi
+BENCH="$PY scripts/bench_engine.py --random $SHAPE --device $DEVICE $ROOF"
+CKPT=/tmp/random-$SHAPE
 
 stage_tests() {
   BUILDER_GPU_REPORT=$OUT/gpu-report.jsonl timeout 240 $PY -m pytest -q -rf --tb=short -p no:cacheprovider \
     tests/test_engine_gpu.py > "$OUT/tests-engine.txt" 2>&1
   tail -n 25 "$OUT/tests-engine.txt"
-  timeout 200 $PY -m pytest -q -rf --tb=line -p no:cacheprovider -n 12 tests/test_plugins_gpu.py \
+  timeout 300 $PY -m pytest -q -rf --tb=line -p no:cacheprovider -n 12 tests/test_plugins_gpu.py \
     > "$OUT/tests-plugins.txt" 2>&1
   grep -E "^FAILED|passed|failed" "$OUT/tests-plugins.txt" | tail -n 15
 }
 
 stage_offline() {
-  for io in "128 128" "1024 128"; do
-    set -- $io
-    $BENCH --input-len $1 --output-len $2 --concurrency 1 --num-requests 6 --out "$OUT/engine-$1-$2-c1.json" | tail -n 4
-    $BENCH --input-len $1 --output-len $2 --concurrency 16,64,256 --num-requests 512 \
-      --out "$OUT/engine-$1-$2.json" | grep -v "^|---" | tail -n 9
+  for in_len in $SHORT $LONG; do
+    $BENCH --input-len $in_len --output-len $OUT_LEN --concurrency 1 --num-requests 6 \
+      --out "$OUT/engine-$in_len-$OUT_LEN-c1.json" | tail -n 4
+    $BENCH --input-len $in_len --output-len $OUT_LEN --concurrency $LEVELS --num-requests $N \
+      --out "$OUT/engine-$in_len-$OUT_LEN.json" | grep -v "^|---" | tail -n 9
   done
 }
 
 stage_batch1() {
   for q in none int8_wo int4_awq fp8; do
-    $BENCH --quant $q --batch1 --input-len 128 --output-len 256 --num-requests 3 --out "$OUT/batch1-$q.json" \
-      | grep -E "roofline|^\| 1 " | tail -n 3
+    $BENCH --quant $q --batch1 --input-len $SHORT --output-len $((2 * OUT_LEN)) --num-requests 3 \
+      --out "$OUT/batch1-$q.json" | grep -E "roofline|^\| 1 " | tail -n 3
   done
 }
 
 stage_mixed() {
-  $BENCH --workload mixed --num-requests 128 --concurrency all --hf --hf-batch-size 64 \
+  $BENCH --workload mixed $MIX_RANGES --num-requests $NMIX --concurrency all --hf --hf-batch-size 64 \
     --out "$OUT/mixed-vs-hf.json" | grep -v "^|---" | tail -n 12
-  $BENCH --batch1 --hf --input-len 128 --output-len 128 --num-requests 4 --out "$OUT/batch1-vs-hf.json" \
+  $BENCH --batch1 --hf --input-len $SHORT --output-len $OUT_LEN --num-requests 4 --out "$OUT/batch1-vs-hf.json" \
     | grep -v "^|---" | tail -n 8
+}
+
+random_checkpoint() {
+  [ -d $CKPT ] || $PY scripts/make_random_checkpoint.py --shape $SHAPE --device $DEVICE --out $CKPT | tail -n 2
 }
 
 serving_env() {
   # numpy 1.26 for the python backend stub; the image's scipy / scikit-learn are built for numpy 2 and break
   # transformers' imports under 1.26 (seen 2026-11-21), so the venv sees the image packages without them
+  $PY -c "import tritonclient" 2>/dev/null && return 0  # a machine with the serving packages already
   source .device/setup.sh || return 1
-  local pth
-  pth=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_image_packages.pth
-  local image
+  PY=python3
+  local pth image
+  pth=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_image_packages.pth
   image=$(cat "$pth")
   [ "$image" = /tmp/image-site ] && return 0
   mkdir -p /tmp/image-site
@@ -65,39 +80,50 @@ serving_env() {
   echo /tmp/image-site > "$pth"
 }
 
+serve_bench() {
+  # serve_bench NAME ARGS...: one `builder bench` run against the server on port 18001
+  local name=$1
+  shift
+  $PY -m builder.cli bench --url localhost:18001 --repo $REPO --out "$OUT/triton-$name" "$@" \
+    | grep -v "^|---" | tail -n 6
+}
+
 stage_triton() {
-  local ckpt=/tmp/random-llama3-8b repo=/tmp/repo-llama3-8b log=$OUT/server.log
-  [ -d $ckpt ] || $PY scripts/make_random_checkpoint.py --shape llama3-8b --device cuda --out $ckpt | tail -n 2
-  $PY -m builder.cli build --model $ckpt --output $repo --force --dtype bfloat16 --device cuda --eval off \
-    --max-batch-size 256 --max-input-len 1024 --max-seq-len 1152 --max-num-tokens 8192 | tail -n 2 || return 1
-  serving_env || return 1  # from here on server and client run in the numpy 1.26 venv (tritonclient is there)
-  PY=python3
-  $PY -m builder.cli serve $repo --grpc-port 18001 --http-port 18000 --metrics-port 18002 > $log 2>&1 &
+  REPO=/tmp/repo-$SHAPE
+  local log=$OUT/server.log
+  random_checkpoint
+  $PY -m builder.cli build --model $CKPT --output $REPO --force --dtype $DTYPE --device $DEVICE --eval off \
+    --max-batch-size 256 --max-input-len $LONG --max-seq-len $MAX_SEQ --max-num-tokens 8192 | tail -n 2 || return 1
+  serving_env || return 1  # from here on server and client run in the serving environment
+  $PY -m builder.cli serve $REPO --grpc-port 18001 --http-port 18000 --metrics-port 18002 > $log 2>&1 &
   local server=$!
-  for _ in $(seq 300); do grep -q "^builder: ready" $log && break; kill -0 $server 2>/dev/null || return 1; sleep 1; done
-  $PY -m builder.cli bench --url localhost:18001 --repo $repo --input-len 128 --output-len 128 --concurrency 1 \
-    --num-requests 6 --out "$OUT/triton-128-128-c1" | tail -n 3
-  $PY -m builder.cli bench --url localhost:18001 --repo $repo --input-len 128 --output-len 128 \
-    --concurrency 16,64,256 --num-requests 512 --out "$OUT/triton-128-128" | grep -v "^|---" | tail -n 6
-  $PY -m builder.cli bench --url localhost:18001 --repo $repo --workload mixed --num-requests 128 \
-    --request-rate inf --out "$OUT/triton-mixed" | grep -v "^|---" | tail -n 4
-  $PY -m builder.cli bench --url localhost:18001 --repo $repo --input-len 1024 --output-len 128 \
-    --concurrency 16,64,256 --num-requests 256 --out "$OUT/triton-1024-128" | grep -v "^|---" | tail -n 6
-  kill $server; wait $server 2>/dev/null
+  for _ in $(seq 300); do
+    grep -q "^builder: ready" $log && break
+    kill -0 $server 2>/dev/null || { tail -n 5 $log; return 1; }
+    sleep 1
+  done
+  serve_bench $SHORT-$OUT_LEN-c1 --input-len $SHORT --output-len $OUT_LEN --concurrency 1 --num-requests 6
+  serve_bench $SHORT-$OUT_LEN --input-len $SHORT --output-len $OUT_LEN --concurrency $LEVELS --num-requests $N
+  serve_bench mixed --workload mixed $MIX_RANGES --num-requests $NMIX --request-rate inf
+  serve_bench $LONG-$OUT_LEN --input-len $LONG --output-len $OUT_LEN --concurrency $LEVELS \
+    --num-requests $((N / 2))
+  kill $server
+  wait $server 2>/dev/null
 }
 
 stage_tp2() {
   BUILDER_GPU_REPORT=$OUT/gpu-report-tp2.jsonl timeout 240 $PY -m pytest -q -rf --tb=short -p no:cacheprovider \
     tests/test_engine_gpu.py -k "tp2 or fp32_greedy" 2>&1 | tail -n 8
-  local ckpt=/tmp/random-llama3-8b
-  [ -d $ckpt ] || $PY scripts/make_random_checkpoint.py --shape llama3-8b --device cuda --out $ckpt | tail -n 2
+  random_checkpoint
   for tp in 1 2; do
-    $PY -m builder.cli build --model $ckpt --output /tmp/repo-tp$tp --force --dtype bfloat16 --device cuda \
-      --eval off --tp $tp --max-batch-size 64 --max-input-len 128 --max-seq-len 256 | tail -n 1
-    for point in "1 4" "64 256"; do
+    $PY -m builder.cli build --model $CKPT --output /tmp/repo-tp$tp --force --dtype $DTYPE --device $DEVICE \
+      --eval off --tp $tp --max-batch-size $C_BIG --max-input-len $SHORT --max-seq-len $((SHORT + OUT_LEN)) \
+      | tail -n 1
+    for point in "1 4" "$C_BIG $((4 * C_BIG))"; do
       set -- $point
-      $PY scripts/bench_engine.py --engine /tmp/repo-tp$tp/tensorrt_llm/1/engine --device cuda --input-len 128 \
-        --output-len 128 --concurrency $1 --num-requests $2 --out "$OUT/engine-tp$tp-128-128-c$1.json" | tail -n 3
+      $PY scripts/bench_engine.py --engine /tmp/repo-tp$tp/tensorrt_llm/1/engine --device $DEVICE \
+        --input-len $SHORT --output-len $OUT_LEN --concurrency $1 --num-requests $2 \
+        --out "$OUT/engine-tp$tp-$SHORT-$OUT_LEN-c$1.json" | tail -n 3
     done
   done
 }

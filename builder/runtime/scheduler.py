@@ -107,11 +107,13 @@ class Scheduler:
         A prefill chunk shrinks to the free blocks first; a decode needs its one token. Returns 0 when seq
         itself had to be preempted.
         """
-        scheduled = {id(c.seq) for c in out.chunks}
+        scheduled = None  # built only when a preemption is needed: the common path stays O(1) per sequence
         while True:
             fitting = self.block_manager.tokens_fitting(seq) - seq.num_computed_tokens
             if fitting >= want or (seq.is_prefilling and fitting > 0):
                 return min(want, fitting)
+            if scheduled is None:
+                scheduled = {id(c.seq) for c in out.chunks}
             victims = [s for s in self.running if s is not seq and id(s) not in scheduled]
             self._preempt(victims[-1] if victims else seq, out)
             if not victims:

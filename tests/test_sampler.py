@@ -79,3 +79,25 @@ def test_seeded_row_does_not_depend_on_batch_neighbours():
     batched = draw([0, 1, 2], [make_seq([0], seed=3, top_k=5), make_seq([0], seed=9, top_p=0.9, temperature=2.0),
                                make_seq([0])])
     assert batched[1] == alone[0]
+
+
+def test_batched_rows_equal_row_by_row_processing():
+    """The batched greedy path (with its batched min_tokens end_id ban) picks what row-by-row processing picks."""
+    from builder.runtime.sampler import is_batched_greedy, pick_token
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 12, generator=g)
+    logits[:, 2] = 10.0  # end_id 2 would win every row unless banned
+    seqs = [make_seq([0], end_id=2, min_tokens=3),            # banned: batched path
+            make_seq([0], [5, 6, 7], end_id=2, min_tokens=3),  # ban over: end_id wins
+            make_seq([0]),                                    # plain greedy
+            make_seq([0, 4], repetition_penalty=3.0),         # per-row path (greedy with penalty)
+            make_seq([0], [1], end_id=2, min_tokens=2, bad_words=[[9]]),  # per-row path
+            make_seq([0], seed=7, temperature=0.8, top_k=3)]   # per-row draw
+    assert [is_batched_greedy(s) for s in seqs] == [True, True, True, False, False, False]
+    want = []
+    for row, seq in zip(logits.clone(), seqs):
+        generator = None if seq.generator is None else torch.Generator().manual_seed(7)
+        want.append(int(pick_token(process_logits(row.clone(), seq), seq.params, generator)))
+    assert Sampler()(logits.clone(), seqs) == want
+    assert want[0] != 2 and want[1] == 2 and want[2] == 2

@@ -91,10 +91,7 @@ class DecodeGraphs:
         width = len(block_tables[0])
         self.copied.synchronize()
         host = self.host[:, :size]
-        host[0, :n] = torch.tensor(input_ids)
-        host[1, :n] = torch.tensor(positions)
-        host[2, :n] = torch.tensor(slots)
-        host[3, :n] = torch.tensor(context_lens)
+        host[:, :n] = torch.tensor([input_ids, positions, slots, context_lens])
         host[2, n:] = -1
         host[3, n:] = 1
         self.host_tables[:n, :width] = torch.tensor(block_tables, dtype=torch.int32)

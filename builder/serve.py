@@ -260,6 +260,9 @@ def serve_forever(repo: Path, grpc_port: int = 8001, http_port: int = 8000, metr
                   log_path: Path | None = None, ready_timeout: float = 300.0) -> int:
     """Run tritonserver on repo until it exits or Ctrl-C; print the endpoints once ready. Returns its exit code."""
     server = TritonServer(Path(repo), grpc_port, http_port, metrics_port, log_path)
+    # Ctrl-C and SIGTERM stop the server even when this process inherited SIGINT as ignored (a parent that ignores
+    # it, e.g. a test runner or a background job, passes SIG_IGN on through exec)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
     server.start()
     try:

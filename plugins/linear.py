@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from builder.quantize.weight_only import dequantize_int4_groupwise
 from plugins import reference
 
 GPU_DTYPES = (torch.float16, torch.bfloat16)  # dtypes the GPU kernels serve; float32 runs the reference ops
@@ -48,11 +49,10 @@ class ReferenceLinear:
                                           self.weight_scale)
 
 
-def dequantize_weight_only(q: torch.Tensor, scales: torch.Tensor, group_size: int,
-                           dtype: torch.dtype) -> torch.Tensor:
-    """int values [out, in] times group scales [out, in / group_size], computed in float32, rounded once to dtype."""
-    expanded = scales.repeat_interleave(group_size, dim=1) if scales.shape[1] > 1 else scales
-    return (q.float() * expanded.float()).to(dtype)
+def dequantize_weight_only(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int values [out, in] times their group scales [out, groups] (one group: per channel), computed in float32 and
+    rounded once to dtype."""
+    return dequantize_int4_groupwise(q, scales).to(dtype)
 
 
 def prepare_weight_only(q: torch.Tensor, scales: torch.Tensor, group_size: int, bits: int, dtype: torch.dtype,
@@ -70,7 +70,7 @@ def prepare_weight_only(q: torch.Tensor, scales: torch.Tensor, group_size: int, 
         if q.shape[1] % INT4_KERNEL_K_MULTIPLE == 0 and (scales.shape[1] == 1 or group_size % 64 == 0):
             return Int4Linear.prepare(q, scales, group_size, dtype, pre_quant_scale)
         # shapes the INT4 kernel does not take (in_features not a multiple of 128): the reference GEMM
-    return ReferenceLinear(dequantize_weight_only(q, scales, group_size, dtype), pre_quant_scale=pre_quant_scale)
+    return ReferenceLinear(dequantize_weight_only(q, scales, dtype), pre_quant_scale=pre_quant_scale)
 
 
 def prepare_fp8(weight: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor,

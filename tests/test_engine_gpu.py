@@ -208,10 +208,10 @@ def test_gpu_linear_ops_match_reference(m):
     in_s, w_s = torch.tensor([0.02]).cuda(), torch.tensor([1e-4]).cuda()
     cases = {
         "int4_awq": (Int4Linear.prepare(q4, s4, 128, dt, pre),
-                     ReferenceLinear(dequantize_weight_only(q4, s4, 128, dt), pre_quant_scale=pre)),
+                     ReferenceLinear(dequantize_weight_only(q4, s4, dt), pre_quant_scale=pre)),
         "int4_per_channel": (Int4Linear.prepare(q4, s8, k, dt, None),
-                             ReferenceLinear(dequantize_weight_only(q4, s8, k, dt))),
-        "int8": (Int8Linear.prepare(q8, s8, dt), ReferenceLinear(dequantize_weight_only(q8, s8, k, dt))),
+                             ReferenceLinear(dequantize_weight_only(q4, s8, dt))),
+        "int8": (Int8Linear.prepare(q8, s8, dt), ReferenceLinear(dequantize_weight_only(q8, s8, dt))),
         "fp8": (Fp8Linear(w8, in_s, w_s), ReferenceLinear(w8.to(dt), input_scale=in_s, weight_scale=w_s)),
     }
     if m == 1:

@@ -20,13 +20,14 @@ class Sampler:
         greedily or drawn with their generator. The ids reach the host in one copy."""
         if not seqs:
             return []
-        banned = [(i, seq.params.end_id) for i, seq in enumerate(seqs) if is_batched_greedy(seq) and
+        batched = [is_batched_greedy(seq) for seq in seqs]
+        banned = [(i, seq.params.end_id) for i, seq in enumerate(seqs) if batched[i] and
                   _end_id_masked(seq, logits.shape[-1])]
         if banned:
             rows, ids = zip(*banned)
             logits[torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device)] = float("-inf")
         picks = logits.argmax(dim=-1)
-        special = [i for i, seq in enumerate(seqs) if not is_batched_greedy(seq)]
+        special = [i for i, is_batched in enumerate(batched) if not is_batched]
         if special:
             rows_t = torch.tensor(special, dtype=torch.int64, device=logits.device)
             drawn = [pick_token(process_logits(logits[i].clone(), seqs[i]), seqs[i].params, seqs[i].generator)

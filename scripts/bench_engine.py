@@ -95,7 +95,6 @@ RANDOM_SHAPES = {
 }
 RANDOM_STD = 0.02
 MiB = 2**20
-GPU_HEADROOM_BYTES = 3 * 2**30  # activations, logits and allocator slack next to weights + KV pool
 WARMUP_OUTPUT_TOKENS = 8
 
 
@@ -201,24 +200,15 @@ def build_settings(args: argparse.Namespace, dtype: str, max_input: int, max_seq
 
 
 def kv_cache_mb(args: argparse.Namespace, config: EngineConfig, peak: int, max_seq: int) -> float:
-    """KV pool size: --kv-cache-memory-mb, else what peak sequences at the longest length need, capped on GPU."""
-    from builder.runtime.model_runner import kv_block_bytes
+    """KV pool size: --kv-cache-memory-mb, else what peak sequences at the longest length use (on GPU capped at
+    --gpu-memory-fraction of the free memory, as the served engine sizes it)."""
+    from builder.runtime.model_runner import gpu_kv_cache_mb, kv_block_bytes, kv_blocks_for
 
     if args.kv_cache_memory_mb:
         return float(args.kv_cache_memory_mb)
-    block = kv_block_bytes(config)
-    # the scheduler holds back one free block per running sequence when it admits a prompt
-    blocks = peak * (math.ceil(max_seq / config.build.tokens_per_block) + 1)
-    need = math.ceil(blocks * 1.05 + 1) * block
     if args.device.startswith("cuda") and torch.cuda.is_available():
-        from builder.runtime.weights import expected_layout
-
-        free, _ = torch.cuda.mem_get_info(torch.device(args.device))
-        weights = sum(math.prod(s.shape) * torch.empty((), dtype=s.dtype).element_size()
-                      for s in expected_layout(config.model).values())
-        cap = (free - weights - GPU_HEADROOM_BYTES) * args.gpu_memory_fraction
-        need = max(block, min(need, int(cap)))
-    return need / MiB
+        return gpu_kv_cache_mb(config, [torch.device(args.device)], args.gpu_memory_fraction, peak, max_seq)
+    return kv_blocks_for(config, peak, max_seq) * kv_block_bytes(config) / MiB
 
 
 def load_engine(args: argparse.Namespace, work: Path, max_input: int, max_seq: int, peak: int):

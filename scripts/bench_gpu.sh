@@ -3,8 +3,8 @@
 #
 #   scripts/bench_gpu.sh tests offline       # GPU tests + engine-alone sweeps (Llama-3-8B shape, random bf16)
 #   scripts/bench_gpu.sh batch1              # batch-1 decode bf16 / int8_wo / int4_awq / fp8 vs the HBM roofline
-#   scripts/bench_gpu.sh mixed triton        # mixed workload vs HF generate; sweeps through tritonserver (put
-#                                            # triton last: it switches to the serving venv)
+#   scripts/bench_gpu.sh mixed triton        # mixed workload vs HF generate; engine alone then tritonserver on one
+#                                            # built engine (put triton last: it switches to the serving venv)
 #   scripts/bench_gpu.sh tp2                 # TP=2 on two GPUs: equality tests + batch 1 and 64 at TP 1 and 2
 #
 # Run from the repository root on the GPU machine (PYTHONPATH is set here), in the machine's own Python (numpy 2).
@@ -21,16 +21,24 @@ if [ "${SMALL:-0}" = 1 ]; then
   SHAPE=tiny DEVICE=cpu DTYPE=float32 SHORT=16 LONG=64 OUT_LEN=8 MAX_SEQ=96 N=8 LEVELS=2,4 C_BIG=4 NMIX=6
   MIX_RANGES="--input-range 8-32 --output-range 4-16" ROOF=""
 else
-  SHAPE=llama3-8b DEVICE=cuda DTYPE=bfloat16 SHORT=128 LONG=1024 OUT_LEN=128 MAX_SEQ=1152 N=512 LEVELS=16,64,256
+  SHAPE=llama3-8b DEVICE=cuda DTYPE=bfloat16 SHORT=128 LONG=1024 OUT_LEN=128 MAX_SEQ=1536 N=512 LEVELS=16,64,256
   C_BIG=64 NMIX=128 MIX_RANGES="" ROOF="--roofline"
 fi
 BENCH="$PY scripts/bench_engine.py --random $SHAPE --device $DEVICE $ROOF"
 CKPT=/tmp/random-$SHAPE
 
 stage_tests() {
+  stage_engine_tests
+  stage_plugin_tests
+}
+
+stage_engine_tests() {
   BUILDER_GPU_REPORT=$OUT/gpu-report.jsonl timeout 240 $PY -m pytest -q -rf --tb=short -p no:cacheprovider \
     tests/test_engine_gpu.py > "$OUT/tests-engine.txt" 2>&1
   tail -n 25 "$OUT/tests-engine.txt"
+}
+
+stage_plugin_tests() {
   timeout 300 $PY -m pytest -q -rf --tb=line -p no:cacheprovider -n 12 tests/test_plugins_gpu.py \
     > "$OUT/tests-plugins.txt" 2>&1
   grep -E "^FAILED|passed|failed" "$OUT/tests-plugins.txt" | tail -n 15
@@ -66,7 +74,10 @@ random_checkpoint() {
 serving_env() {
   # numpy 1.26 for the python backend stub; the image's scipy / scikit-learn are built for numpy 2 and break
   # transformers' imports under 1.26 (seen 2026-11-21), so the venv sees the image packages without them
-  $PY -c "import tritonclient" 2>/dev/null && return 0  # a machine with the serving packages already
+  # a Python with the client and a server (on PATH or the nvidia-pytriton wheel) needs nothing more
+  $PY -c "import shutil, sys, importlib.util as u, tritonclient.grpc
+sys.exit(0 if shutil.which('tritonserver') or u.find_spec('pytriton') else 1)" 2>/dev/null && return 0
+  export PYTHONPATH=$PWD  # without client_wheel's folder: the venv has its own client
   source .device/setup.sh || return 1
   PY=python3
   local pth image
@@ -80,6 +91,14 @@ serving_env() {
   echo /tmp/image-site > "$pth"
 }
 
+engine_bench() {
+  # engine_bench NAME ARGS...: the engine alone, on the engine the server loads, for the side-by-side figures
+  local name=$1
+  shift
+  $PY scripts/bench_engine.py --engine $REPO/tensorrt_llm/1/engine --device $DEVICE --max-batch-size 256 \
+    --out "$OUT/engine-$name.json" "$@" | grep -v "^|---" | tail -n 6
+}
+
 serve_bench() {
   # serve_bench NAME ARGS...: one `builder bench` run against the server on port 18001
   local name=$1
@@ -88,12 +107,27 @@ serve_bench() {
     | grep -v "^|---" | tail -n 6
 }
 
+client_wheel() {
+  # the build validates config.pbtxt with tritonclient's protobuf classes: without tritonclient in this Python,
+  # add the wheel from .device on PYTHONPATH (no numpy pin needed for the build)
+  $PY -c "import tritonclient.grpc" 2>/dev/null && return 0
+  $PY -m pip install -q --no-index --no-deps --target /tmp/client-wheel .device/tritonclient-*.whl \
+    .device/python_rapidjson-*.whl || return 1
+  export PYTHONPATH=$PYTHONPATH:/tmp/client-wheel
+}
+
 stage_triton() {
   REPO=/tmp/repo-$SHAPE
   local log=$OUT/server.log
   random_checkpoint
+  client_wheel || return 1
   $PY -m builder.cli build --model $CKPT --output $REPO --force --dtype $DTYPE --device $DEVICE --eval off \
     --max-batch-size 256 --max-input-len $LONG --max-seq-len $MAX_SEQ --max-num-tokens 8192 | tail -n 2 || return 1
+  # the same points on the engine alone first (same engine files, same limits), for the side-by-side ratios
+  engine_bench $SHORT-$OUT_LEN-c1 --input-len $SHORT --output-len $OUT_LEN --concurrency 1 --num-requests 6
+  engine_bench $SHORT-$OUT_LEN --input-len $SHORT --output-len $OUT_LEN --concurrency $LEVELS --num-requests $((N / 2))
+  engine_bench mixed --workload mixed $MIX_RANGES --num-requests $NMIX --concurrency all
+  engine_bench $LONG-$OUT_LEN --input-len $LONG --output-len $OUT_LEN --concurrency $LEVELS --num-requests $((N / 2))
   serving_env || return 1  # from here on server and client run in the serving environment
   $PY -m builder.cli serve $REPO --grpc-port 18001 --http-port 18000 --metrics-port 18002 > $log 2>&1 &
   local server=$!
@@ -103,18 +137,31 @@ stage_triton() {
     sleep 1
   done
   serve_bench $SHORT-$OUT_LEN-c1 --input-len $SHORT --output-len $OUT_LEN --concurrency 1 --num-requests 6
-  serve_bench $SHORT-$OUT_LEN --input-len $SHORT --output-len $OUT_LEN --concurrency $LEVELS --num-requests $N
+  serve_bench $SHORT-$OUT_LEN --input-len $SHORT --output-len $OUT_LEN --concurrency $LEVELS --num-requests $((N / 2))
   serve_bench mixed --workload mixed $MIX_RANGES --num-requests $NMIX --request-rate inf
   serve_bench $LONG-$OUT_LEN --input-len $LONG --output-len $OUT_LEN --concurrency $LEVELS \
     --num-requests $((N / 2))
+  # per-model request counts and busy times (where the served path spends its time)
+  $PY -c "import urllib.request; print(urllib.request.urlopen('http://localhost:18002/metrics').read().decode())" \
+    > "$OUT/triton-metrics.txt" 2>&1
+  grep -E "^nv_inference_(request_success|exec_count|compute_infer_duration_us|queue_duration_us)" \
+    "$OUT/triton-metrics.txt" | sed 's/,version="1"//'
   kill $server
   wait $server 2>/dev/null
 }
 
 stage_tp2() {
-  BUILDER_GPU_REPORT=$OUT/gpu-report-tp2.jsonl timeout 240 $PY -m pytest -q -rf --tb=short -p no:cacheprovider \
-    tests/test_engine_gpu.py -k "tp2 or fp32_greedy" 2>&1 | tail -n 8
+  # output to a file, not a pipe: worker ranks of a hung test would hold a pipe open past the timeout. A hang
+  # fails the test after 120 s with every thread's stack (pytest-timeout), NCCL collectives after 60 s.
+  local timeout_opt=""
+  $PY -c "import pytest_timeout" 2>/dev/null && timeout_opt="--timeout 120"
+  BUILDER_TP_TIMEOUT_S=60 BUILDER_GPU_REPORT=$OUT/gpu-report-tp2.jsonl timeout 420 $PY -m pytest -v -rf \
+    --tb=short -p no:cacheprovider $timeout_opt tests/test_engine_gpu.py -k "tp2 or kv_pool" \
+    > "$OUT/tests-tp2.txt" 2>&1
+  grep -E "PASSED|FAILED|ERROR|SKIPPED|Timeout|passed|failed" "$OUT/tests-tp2.txt" | tail -n 12
+  pkill -f "multiprocessing.spawn import spawn_main"  # worker ranks a killed test may have left behind
   random_checkpoint
+  client_wheel || return 1
   for tp in 1 2; do
     $PY -m builder.cli build --model $CKPT --output /tmp/repo-tp$tp --force --dtype $DTYPE --device $DEVICE \
       --eval off --tp $tp --max-batch-size $C_BIG --max-input-len $SHORT --max-seq-len $((SHORT + OUT_LEN)) \

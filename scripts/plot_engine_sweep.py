@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Plot bench_engine sweep JSONs: output tok/s, TTFT p50 and inter-token p50 against concurrency, one line per file.
+"""Plot sweep JSONs of bench_engine (engine alone) or `builder bench` (through Triton): output tok/s, TTFT p50 and
+inter-token p50 against concurrency, one line per series.
 
   python scripts/plot_engine_sweep.py --out docs/results/h100-2026-11-21/engine-sweep.png \\
       LABEL=FILE.json[,FILE.json ...] ...
@@ -13,8 +14,9 @@ from pathlib import Path
 
 
 def load_points(files: list[Path]) -> list[dict]:
-    """Every engine point of the given JSONs, sorted by concurrency."""
-    points = [p for f in files for p in json.loads(f.read_text())["engine"]]
+    """Every concurrency point of the given JSONs (bench_engine's "engine" or builder bench's "results")."""
+    data = [json.loads(f.read_text()) for f in files]
+    points = [p for d in data for p in d.get("engine", d.get("results", [])) if p.get("concurrency")]
     return sorted(points, key=lambda p: p["concurrency"])
 
 

@@ -13,7 +13,8 @@ import torch
 from builder.config import EngineConfig
 from builder.errors import BuilderError, ConfigError, RequestError
 from builder.runtime.block_manager import BlockManager
-from builder.runtime.model_runner import ModelRunner, StepInput, num_kv_blocks
+from builder.runtime.distributed import rank_device
+from builder.runtime.model_runner import ModelRunner, StepInput, gpu_kv_cache_mb, num_kv_blocks
 from builder.runtime.sampler import Sampler
 from builder.runtime.sampling_params import SamplingParams
 from builder.runtime.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
@@ -58,9 +59,11 @@ class LLMEngine:
 
     def __init__(self, engine_dir: str | Path, device: str = "cpu", kv_cache_memory_mb: float | None = None,
                  max_num_tokens: int | None = None, max_batch_size: int | None = None,
-                 cuda_graphs: bool = True) -> None:
+                 cuda_graphs: bool = True, kv_cache_free_gpu_mem_fraction: float | None = None) -> None:
         """Load the engine; the overrides replace build_config.json's values of the same name.
 
+        KV pool: kv_cache_memory_mb when given; else on CUDA kv_cache_free_gpu_mem_fraction of the free memory
+        (capped at what max_batch_size sequences of max_seq_len use), on CPU the build's kv_cache_memory_mb.
         cuda_graphs: capture decode steps (up to max_batch_size sequences) as CUDA graphs on fp16/bf16 CUDA
         engines (vLLM's enforce_eager=True is cuda_graphs=False); ignored elsewhere."""
         self.config = EngineConfig.load(Path(engine_dir))
@@ -70,6 +73,10 @@ class LLMEngine:
         self.device = torch.device(device)
         self.tp_size = check_mapping(self.config.model)
         self._closed = False
+        if kv_cache_memory_mb is None and self.device.type == "cuda":
+            fraction = kv_cache_free_gpu_mem_fraction or build.kv_cache_free_gpu_mem_fraction
+            kv_cache_memory_mb = gpu_kv_cache_mb(self.config, [rank_device(self.device, r, self.tp_size) for r in range(self.tp_size)],
+                                                 fraction, self.max_batch_size)
         num_blocks = num_kv_blocks(self.config, kv_cache_memory_mb or build.kv_cache_memory_mb)
         self.block_manager = BlockManager(num_blocks, build.tokens_per_block)
         self.scheduler = Scheduler(self.block_manager, self.max_batch_size, self.max_num_tokens)

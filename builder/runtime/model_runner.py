@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -16,7 +17,7 @@ from builder.runtime.block_manager import BlockManager
 from builder.runtime.cuda_graphs import DecodeGraphs
 from builder.runtime.models.llama import LlamaModel
 from builder.runtime.scheduler import SchedulerOutput
-from builder.runtime.weights import load_weights, torch_dtype
+from builder.runtime.weights import expected_layout, load_weights, torch_dtype
 from plugins import AttentionMetadata, uses_gpu_kernels
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ class StepInput:
 
 
 KV_CACHE_DTYPES = {"INT8": torch.int8, "FP8": torch.float8_e4m3fn}  # kv_cache_quant_algo -> cache dtype
+GPU_HEADROOM_BYTES = 3 * 2**30  # activations, logits, CUDA graphs and allocator slack beside weights + KV pool
 
 
 def kv_cache_dtype(engine_config: EngineConfig) -> torch.dtype:
@@ -67,6 +69,38 @@ def num_kv_blocks(engine_config: EngineConfig, kv_cache_memory_mb: float) -> int
         raise ConfigError(f"kv_cache_memory_mb={kv_cache_memory_mb} holds no KV block ({block_bytes} bytes each); "
                           "raise --kv-cache-memory-mb")
     return blocks
+
+
+def rank_weight_bytes(engine_config: EngineConfig) -> int:
+    """Bytes of one rank's weights on the device (from the engine's tensor layout, quantized dtypes included)."""
+    return sum(math.prod(spec.shape) * torch.empty((), dtype=spec.dtype).element_size()
+               for spec in expected_layout(engine_config.model).values())
+
+
+def kv_blocks_for(engine_config: EngineConfig, max_sequences: int, max_seq_len: int) -> int:
+    """KV blocks that max_sequences sequences of max_seq_len tokens can use at once, with a 5% margin."""
+    # the scheduler keeps one spare block per running sequence when it admits a prompt
+    blocks = max_sequences * (math.ceil(max_seq_len / engine_config.build.tokens_per_block) + 1)
+    return math.ceil(blocks * 1.05 + 1)
+
+
+def gpu_kv_cache_mb(engine_config: EngineConfig, devices: list[torch.device], free_fraction: float,
+                    max_sequences: int, max_seq_len: int | None = None) -> float:
+    """KV pool size (MiB per rank) on CUDA: TensorRT-LLM's kv_cache_free_gpu_mem_fraction.
+
+    That share of the memory each device has free once its rank's weights and GPU_HEADROOM_BYTES are set
+    aside (measured before loading), capped at what max_sequences sequences of max_seq_len tokens can use.
+    ConfigError when the weights leave no room for even one block.
+    """
+    block = kv_block_bytes(engine_config)
+    usable = kv_blocks_for(engine_config, max_sequences, max_seq_len or engine_config.build.max_seq_len) * block
+    free = min(torch.cuda.mem_get_info(d)[0] for d in devices)
+    room = int((free - rank_weight_bytes(engine_config) - GPU_HEADROOM_BYTES) * free_fraction)
+    if room < block:
+        raise ConfigError(f"{devices[0]} has {free / 2**30:.1f} GiB free, too little for this rank's weights "
+                          f"({rank_weight_bytes(engine_config) / 2**30:.1f} GiB) plus a KV cache; use a larger GPU, "
+                          "more tensor-parallel ranks (--tp) or a quantized build (--quant)")
+    return min(usable, room) / 2**20
 
 
 class ModelRunner:

@@ -161,12 +161,16 @@ class TritonPythonModel:
         self.thread.start()
 
     def load_engine(self, engine_dir: Path, params: dict[str, str]) -> Any:
-        """The runtime engine for engine_dir (device and KV pool size from the parameters)."""
+        """The runtime engine for engine_dir: device and KV pool from the parameters (kv_cache_memory_mb on CPU,
+        kv_cache_free_gpu_mem_fraction on CUDA, as in TensorRT-LLM's backend)."""
         from builder.runtime.engine import LLMEngine
 
-        kv_mb = params.get("kv_cache_memory_mb")
-        return LLMEngine(engine_dir, device=params.get("device") or "cpu",
-                         kv_cache_memory_mb=float(kv_mb) if kv_mb else None)
+        device = params.get("device") or "cpu"
+        kv_mb, fraction = params.get("kv_cache_memory_mb"), params.get("kv_cache_free_gpu_mem_fraction")
+        if device.startswith("cuda"):
+            return LLMEngine(engine_dir, device=device, kv_cache_free_gpu_mem_fraction=float(fraction) if fraction
+                             else None)
+        return LLMEngine(engine_dir, device=device, kv_cache_memory_mb=float(kv_mb) if kv_mb else None)
 
     def execute(self, requests: list) -> None:
         """Queue each request for the engine thread; answer malformed ones with an error right away."""

@@ -75,8 +75,8 @@ class LLMEngine:
         self._closed = False
         if kv_cache_memory_mb is None and self.device.type == "cuda":
             fraction = kv_cache_free_gpu_mem_fraction or build.kv_cache_free_gpu_mem_fraction
-            kv_cache_memory_mb = gpu_kv_cache_mb(self.config, [rank_device(self.device, r, self.tp_size) for r in range(self.tp_size)],
-                                                 fraction, self.max_batch_size)
+            devices = [rank_device(self.device, r, self.tp_size) for r in range(self.tp_size)]
+            kv_cache_memory_mb = gpu_kv_cache_mb(self.config, devices, fraction, self.max_batch_size)
         num_blocks = num_kv_blocks(self.config, kv_cache_memory_mb or build.kv_cache_memory_mb)
         self.block_manager = BlockManager(num_blocks, build.tokens_per_block)
         self.scheduler = Scheduler(self.block_manager, self.max_batch_size, self.max_num_tokens)

@@ -95,10 +95,11 @@ def gpu_kv_cache_mb(engine_config: EngineConfig, devices: list[torch.device], fr
     block = kv_block_bytes(engine_config)
     usable = kv_blocks_for(engine_config, max_sequences, max_seq_len or engine_config.build.max_seq_len) * block
     free = min(torch.cuda.mem_get_info(d)[0] for d in devices)
-    room = int((free - rank_weight_bytes(engine_config) - GPU_HEADROOM_BYTES) * free_fraction)
+    weights = rank_weight_bytes(engine_config)
+    room = int((free - weights - GPU_HEADROOM_BYTES) * free_fraction)
     if room < block:
         raise ConfigError(f"{devices[0]} has {free / 2**30:.1f} GiB free, too little for this rank's weights "
-                          f"({rank_weight_bytes(engine_config) / 2**30:.1f} GiB) plus a KV cache; use a larger GPU, "
+                          f"({weights / 2**30:.1f} GiB) plus a KV cache; use a larger GPU, "
                           "more tensor-parallel ranks (--tp) or a quantized build (--quant)")
     return min(usable, room) / 2**20
 

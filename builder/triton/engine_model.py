@@ -168,8 +168,8 @@ class TritonPythonModel:
         device = params.get("device") or "cpu"
         kv_mb, fraction = params.get("kv_cache_memory_mb"), params.get("kv_cache_free_gpu_mem_fraction")
         if device.startswith("cuda"):
-            return LLMEngine(engine_dir, device=device, kv_cache_free_gpu_mem_fraction=float(fraction) if fraction
-                             else None)
+            return LLMEngine(engine_dir, device=device,
+                             kv_cache_free_gpu_mem_fraction=float(fraction) if fraction else None)
         return LLMEngine(engine_dir, device=device, kv_cache_memory_mb=float(kv_mb) if kv_mb else None)
 
     def execute(self, requests: list) -> None:

@@ -133,9 +133,18 @@ def _wait_kv_free(metrics_port: int, timeout: float = 30.0) -> None:
 
 
 def test_cancelled_streams_free_the_kv_pool(llama_server):
-    """Clients that close their stream mid-way get their sequences aborted and their KV blocks returned."""
+    """Clients that close their stream mid-way get their sequences aborted and their KV blocks returned.
+
+    A cancel reaches the engine through the stream's next chunk in postprocessing, so it waits behind the chunks
+    queued there; 24 non-streamed requests (one postprocessing call each) share the engine's steps meanwhile, so
+    the engine cannot finish the cancelled sequences before the cancel arrives (alone, the tiny model's engine
+    can outrun postprocessing on a loaded CPU)."""
     before = read_metrics(llama_server.metrics_port)
     threads = []
+    for i in range(24):
+        inputs = ensemble_inputs(text_input=f"keep the engine busy {i}", max_tokens=200, min_tokens=200, stream=False)
+        threads.append(threading.Thread(target=run_stream, args=(llama_server.grpc_url, "ensemble", inputs),
+                                        kwargs=dict(request_id=f"busy{i}")))
     for i in range(6):
         inputs = ensemble_inputs(text_input=f"cancel me {i} " * 5, max_tokens=200, min_tokens=200, stream=True)
         threads.append(threading.Thread(target=run_stream, args=(llama_server.grpc_url, "ensemble", inputs),

@@ -151,12 +151,16 @@ stage_triton() {
 }
 
 stage_tp2() {
-  # output to a file, not a pipe: worker ranks of a hung test would hold a pipe open past the timeout. A hang
-  # fails the test after 120 s with every thread's stack (pytest-timeout), NCCL collectives after 60 s.
+  # first the bare collectives (scripts/check_tp.py), then the engine tests. Output to files, not pipes: worker
+  # ranks of a hung run would hold a pipe open past the timeout. A hung test fails after 100 s with every thread's
+  # stack (pytest-timeout), NCCL collectives after 60 s.
+  timeout 150 $PY scripts/check_tp.py --world-size 2 --device $DEVICE --timeout 30 > "$OUT/check-tp.txt" 2>&1
+  cat "$OUT/check-tp.txt"
   local timeout_opt=""
-  $PY -c "import pytest_timeout" 2>/dev/null && timeout_opt="--timeout 120"
-  BUILDER_TP_TIMEOUT_S=60 BUILDER_GPU_REPORT=$OUT/gpu-report-tp2.jsonl timeout 420 $PY -m pytest -v -rf \
-    --tb=short -p no:cacheprovider $timeout_opt tests/test_engine_gpu.py -k "tp2 or kv_pool" \
+  $PY -c "import pytest_timeout" 2>/dev/null && timeout_opt="--timeout 100"
+  NCCL_DEBUG=${NCCL_DEBUG:-WARN} BUILDER_TP_TIMEOUT_S=60 BUILDER_GPU_REPORT=$OUT/gpu-report-tp2.jsonl \
+    timeout 300 $PY -m pytest -v -rf --tb=short -p no:cacheprovider $timeout_opt tests/test_engine_gpu.py \
+    -k "tp2 or kv_pool" \
     > "$OUT/tests-tp2.txt" 2>&1
   grep -E "PASSED|FAILED|ERROR|SKIPPED|Timeout|passed|failed" "$OUT/tests-tp2.txt" | tail -n 12
   pkill -f "multiprocessing.spawn import spawn_main"  # worker ranks a killed test may have left behind

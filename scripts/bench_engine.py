@@ -215,7 +215,8 @@ def load_engine(args: argparse.Namespace, work: Path, max_input: int, max_seq: i
     """(LLMEngine, EngineConfig, description) from --engine, --model or --random."""
     from builder.runtime.engine import LLMEngine
 
-    overrides = dict(max_num_tokens=args.max_num_tokens, max_batch_size=args.max_batch_size or peak)
+    overrides = dict(max_num_tokens=args.max_num_tokens, max_batch_size=args.max_batch_size or peak,
+                     cuda_graphs=not args.eager)
     if args.engine is not None:
         engine_dir, source = args.engine, f"engine {args.engine}"
     elif args.model is not None:
@@ -243,6 +244,7 @@ def load_engine(args: argparse.Namespace, work: Path, max_input: int, max_seq: i
     info = {"source": source, "engine_dir": str(engine_dir), "load_s": time.perf_counter() - t,
             "quantization": quant_metadata(config.model.quantization),
             "kv_cache_memory_mb": kv_mb, "kv_blocks": engine.stats.kv_blocks_total,
+            "cuda_graphs": engine.runner.graphs is not None,
             "max_batch_size": engine.max_batch_size, "max_num_tokens": engine.max_num_tokens,
             "model": config.model.to_dict(), "build": vars(config.build)}
     return engine, config, info
@@ -784,6 +786,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1,
                    help="warm-up passes before each point: its first C (or B) requests at its concurrency (batch "
                         f"size), outputs capped at {WARMUP_OUTPUT_TOKENS} tokens; not measured")
+    p.add_argument("--eager", action="store_true", help="no CUDA graphs for decode steps (vLLM's enforce_eager)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (torch.set_num_threads); 1 avoids oversubscription on a shared CPU")
     p.add_argument("--out", type=Path, default=None, help="JSON file to write")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import sys
 import time
 
@@ -22,6 +23,7 @@ import torch.multiprocessing as mp
 
 def check(rank: int, world_size: int, port: int, device_type: str, timeout: float) -> None:
     """One rank: join the group, then all-reduce and gather eagerly and inside a CUDA graph."""
+    faulthandler.dump_traceback_later(timeout, exit=True)  # a hang prints each rank's stack, then exits
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -64,8 +66,19 @@ def check(rank: int, world_size: int, port: int, device_type: str, timeout: floa
         ok = bool((out == total).all()) and (rank != 0 or all(bool((p == total * (r + 1)).all())
                                                               for r, p in enumerate(parts)))
         say("replay the graph", start, ok)
-    dist.barrier()
+        start = time.perf_counter()
+        x, parts = collectives(torch.full((4096,), float(rank + 1), device=device))
+        torch.cuda.synchronize()
+        say("eager all-reduce + gather after the graph", start, bool((x == total).all()))
+        start = time.perf_counter()
+        graph.replay()
+        x, parts = collectives(torch.full((4096,), float(rank + 1), device=device))
+        torch.cuda.synchronize()
+        say("replay, then eager at once", start, bool((x == total).all()))
+        graph.reset()  # NCCL cannot destroy a communicator that a live graph holds: destroy_process_group hangs
+    start = time.perf_counter()
     dist.destroy_process_group()
+    say("destroy the process group", start, True)
 
 
 def main() -> int:

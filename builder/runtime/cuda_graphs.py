@@ -78,9 +78,20 @@ class DecodeGraphs:
         hidden = self.model.forward(self.inputs[0, :size], self.inputs[1, :size], self.kv_cache, meta)
         return self.model.compute_logits(hidden)
 
+    def release(self) -> None:
+        """Free every captured graph and its outputs (waits for replays in flight first).
+
+        Under tensor parallelism this must happen before the process group is destroyed: NCCL does not tear
+        down a communicator that live graphs still hold (destroy_process_group hangs)."""
+        torch.cuda.synchronize(self.kv_cache.device)
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.logits.clear()
+
     def fits(self, num_seqs: int, max_blocks: int) -> bool:
         """True when a decode step of num_seqs sequences with block tables of max_blocks entries can replay."""
-        return 0 < num_seqs <= self.sizes[-1] and max_blocks <= self.max_blocks
+        return bool(self.graphs) and 0 < num_seqs <= self.sizes[-1] and max_blocks <= self.max_blocks
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int], context_lens: list[int],
             block_tables: list[list[int]]) -> torch.Tensor:

@@ -23,7 +23,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -126,6 +126,7 @@ class WorkerGroup:
     tp: TensorParallel | None = None
     store: Any = None
     closed: bool = False
+    before_destroy: list[Callable[[], None]] = field(default_factory=list)  # rank 0's clean-up, e.g. its graphs
 
     @classmethod
     def start(cls, engine_dir: Path, device: torch.device, num_blocks: int, world_size: int,
@@ -247,6 +248,11 @@ class WorkerGroup:
                 process.kill()
                 process.join(2.0)
             worker.conn.close()
+        for release in self.before_destroy:
+            try:
+                release()
+            except Exception:  # noqa: BLE001 - best effort while shutting down
+                pass
         if self.tp is not None:
             destroy_process_group()
             self.tp = None
@@ -320,5 +326,6 @@ def _worker_main(rank: int, world_size: int, port: int, engine_dir: str, device:
         status = 1
     finally:
         conn.close()
+        runner.release_graphs()  # before the process group: NCCL cannot destroy a communicator live graphs hold
         destroy_process_group()
     sys.exit(status)

@@ -95,6 +95,7 @@ class LLMEngine:
                                       broadcast=self._workers.send_step if self._workers else None,
                                       graph_batch_size=graph_batch)
             if self._workers:
+                self._workers.before_destroy.append(self.runner.release_graphs)
                 self._workers.wait_ready()
         except BaseException:
             self.close()

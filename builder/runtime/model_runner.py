@@ -136,6 +136,11 @@ class ModelRunner:
             with torch.inference_mode():
                 self.graphs.capture()
 
+    def release_graphs(self) -> None:
+        """Free the captured decode graphs; later decode steps run eagerly (call before leaving the process group)."""
+        if self.graphs is not None:
+            self.graphs.release()
+
     def run(self, batch: SchedulerOutput, block_manager: BlockManager) -> torch.Tensor:
         """One forward pass over the step's chunks (on every rank); logits [num sampling chunks, V] in chunk order."""
         step = self.prepare(batch, block_manager)

@@ -18,7 +18,8 @@ Metrics per sweep point (latencies in ms, over the requests that completed witho
 - itl (per request): (last token time - first token time) / (tokens - 1), i.e. genai-perf's
   (latency - TTFT) / (output tokens - 1), with the token count of the engine;
 - chunk_gap: every gap between consecutive token-bearing responses of a request, pooled;
-- output_tokens: streamed responses carrying text_output (the engine sends one per generated token; exact);
+- output_tokens: the ids the streamed responses carry (the ensemble's num_output_tokens per chunk; one per
+  chunk for a server without it; exact);
   output_tokens_retokenized: the joined text re-encoded with the tokenizer (genai-perf's count);
 - output_tok_s = output_tokens / duration, where duration = last response - first send; request_throughput =
   completed / duration; total_tok_s counts input tokens too;
@@ -67,9 +68,9 @@ class RequestRecord:
     output_len: int  # requested
     send: float | None = None  # None: never sent
     scheduled: float | None = None
-    token_times: list[float] = field(default_factory=list)  # one per token-bearing response (engine step)
+    token_times: list[float] = field(default_factory=list)  # one per token-bearing response (chunk)
     chunks: list[bytes] = field(default_factory=list)
-    tokens: int | None = None  # set by offline runs (a step may carry more than one token); else len(token_times)
+    tokens: int | None = None  # ids received (a chunk may carry several); None: one per token-bearing response
     end: float | None = None
     error: str | None = None
     done: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -178,9 +179,12 @@ class StreamSlot:
         response = result.get_response()
         if response.id != self.request_id:
             return
-        if any(o.name == "text_output" for o in response.outputs):
+        names = {o.name for o in response.outputs}
+        if "text_output" in names:
             record.token_times.append(now)
             record.chunks.append(b"".join(bytes(x) for x in result.as_numpy("text_output").reshape(-1)))
+            count = int(result.as_numpy("num_output_tokens").reshape(-1)[0]) if "num_output_tokens" in names else 1
+            record.tokens = (record.tokens or 0) + count
         params = response.parameters
         if "triton_final_response" in params and params["triton_final_response"].bool_param:
             self._finish(None, now)

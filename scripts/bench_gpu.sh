@@ -6,6 +6,7 @@
 #   scripts/bench_gpu.sh mixed triton        # mixed workload vs HF generate; engine alone then tritonserver on one
 #                                            # built engine (put triton last: it switches to the serving venv)
 #   scripts/bench_gpu.sh tp2                 # TP=2 on two GPUs: equality tests + batch 1 and 64 at TP 1 and 2
+#   QUICK=1 scripts/bench_gpu.sh triton      # only the 128/128 sweep at 16, 64, 256 (engine alone, then Triton)
 #
 # Run from the repository root on the GPU machine (PYTHONPATH is set here), in the machine's own Python (numpy 2).
 # `triton` needs tritonserver, tritonclient and numpy < 2 for the python backend: when tritonclient is missing it
@@ -124,10 +125,14 @@ stage_triton() {
   $PY -m builder.cli build --model $CKPT --output $REPO --force --dtype $DTYPE --device $DEVICE --eval off \
     --max-batch-size 256 --max-input-len $LONG --max-seq-len $MAX_SEQ --max-num-tokens 8192 | tail -n 2 || return 1
   # the same points on the engine alone first (same engine files, same limits), for the side-by-side ratios
-  engine_bench $SHORT-$OUT_LEN-c1 --input-len $SHORT --output-len $OUT_LEN --concurrency 1 --num-requests 6
+  # QUICK=1: only the 128/128 sweep at LEVELS (short device sessions)
+  [ "${QUICK:-0}" = 1 ] || engine_bench $SHORT-$OUT_LEN-c1 --input-len $SHORT --output-len $OUT_LEN --concurrency 1 \
+    --num-requests 6
   engine_bench $SHORT-$OUT_LEN --input-len $SHORT --output-len $OUT_LEN --concurrency $LEVELS --num-requests $((N / 2))
-  engine_bench mixed --workload mixed $MIX_RANGES --num-requests $NMIX --concurrency all
-  engine_bench $LONG-$OUT_LEN --input-len $LONG --output-len $OUT_LEN --concurrency $LEVELS --num-requests $((N / 2))
+  if [ "${QUICK:-0}" != 1 ]; then
+    engine_bench mixed --workload mixed $MIX_RANGES --num-requests $NMIX --concurrency all
+    engine_bench $LONG-$OUT_LEN --input-len $LONG --output-len $OUT_LEN --concurrency $LEVELS --num-requests $((N / 2))
+  fi
   serving_env || return 1  # from here on server and client run in the serving environment
   $PY -m builder.cli serve $REPO --grpc-port 18001 --http-port 18000 --metrics-port 18002 > $log 2>&1 &
   local server=$!
@@ -136,11 +141,14 @@ stage_triton() {
     kill -0 $server 2>/dev/null || { tail -n 5 $log; return 1; }
     sleep 1
   done
-  serve_bench $SHORT-$OUT_LEN-c1 --input-len $SHORT --output-len $OUT_LEN --concurrency 1 --num-requests 6
+  [ "${QUICK:-0}" = 1 ] || serve_bench $SHORT-$OUT_LEN-c1 --input-len $SHORT --output-len $OUT_LEN --concurrency 1 \
+    --num-requests 6
   serve_bench $SHORT-$OUT_LEN --input-len $SHORT --output-len $OUT_LEN --concurrency $LEVELS --num-requests $((N / 2))
-  serve_bench mixed --workload mixed $MIX_RANGES --num-requests $NMIX --request-rate inf
-  serve_bench $LONG-$OUT_LEN --input-len $LONG --output-len $OUT_LEN --concurrency $LEVELS \
-    --num-requests $((N / 2))
+  if [ "${QUICK:-0}" != 1 ]; then
+    serve_bench mixed --workload mixed $MIX_RANGES --num-requests $NMIX --request-rate inf
+    serve_bench $LONG-$OUT_LEN --input-len $LONG --output-len $OUT_LEN --concurrency $LEVELS \
+      --num-requests $((N / 2))
+  fi
   # per-model request counts and busy times (where the served path spends its time)
   $PY -c "import urllib.request; print(urllib.request.urlopen('http://localhost:18002/metrics').read().decode())" \
     > "$OUT/triton-metrics.txt" 2>&1

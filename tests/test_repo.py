@@ -119,7 +119,7 @@ def test_tensor_contract(repo):
     assert {t.name: (pb.DataType.Name(t.data_type), list(t.dims), t.optional) for t in ensemble.input} == \
         ENSEMBLE_INPUTS
     assert [(t.name, pb.DataType.Name(t.data_type), list(t.dims)) for t in ensemble.output] == \
-        [("text_output", "TYPE_STRING", [-1])]
+        [("text_output", "TYPE_STRING", [-1]), ("num_output_tokens", "TYPE_INT32", [-1])]
     steps = {s.model_name: s for s in ensemble.ensemble_scheduling.step}
     assert steps["tensorrt_llm"].input_map["streaming"] == "stream"
     assert steps["tensorrt_llm"].input_map["runtime_top_k"] == "top_k"

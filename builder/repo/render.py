@@ -37,6 +37,8 @@ class ServingOptions:
     skip_special_tokens: bool = True
     max_tokens_in_paged_kv_cache: int | None = None
     cancellation_check_period_ms: int = 100  # TensorRT-LLM's default; 0 checks every engine step
+    max_responses_per_second: float = 2000.0  # streamed responses of the engine model, all requests (0: unbounded)
+    response_sender_threads: int = 2  # threads of the engine model that send responses
 
     def validate(self) -> None:
         """Raise ConfigError for values Triton or the runtime cannot take."""
@@ -49,6 +51,10 @@ class ServingOptions:
                               "max_utilization, guaranteed_no_evict")
         if self.cancellation_check_period_ms < 0:
             raise ConfigError("cancellation_check_period_ms must be >= 0")
+        if self.max_responses_per_second < 0:
+            raise ConfigError("max_responses_per_second must be >= 0 (0: unbounded)")
+        if self.response_sender_threads < 1:
+            raise ConfigError(f"response_sender_threads must be >= 1, got {self.response_sender_threads}")
         if self.max_tokens_in_paged_kv_cache is not None and self.max_tokens_in_paged_kv_cache <= 0:
             raise ConfigError("max_tokens_in_paged_kv_cache must be > 0 when set")
 
@@ -74,6 +80,8 @@ def tensorrt_llm_parameters(engine_config: EngineConfig, options: ServingOptions
         params["max_tokens_in_paged_kv_cache"] = str(options.max_tokens_in_paged_kv_cache)
     params["kv_cache_memory_mb"] = str(build.kv_cache_memory_mb)
     params["device"] = build.device
+    params["max_responses_per_second"] = f"{options.max_responses_per_second:g}"
+    params["response_sender_threads"] = str(options.response_sender_threads)
     return params
 
 

@@ -1,8 +1,9 @@
 """The `tensorrt_llm` model: builder.runtime's LLMEngine in Triton's python backend, decoupled.
 
 execute() only parses requests and queues them; one background thread owns the engine (it is not
-thread-safe): it admits new requests, drops cancelled ones, runs engine.step() and sends each request's
-responses through its response sender, then mirrors engine.stats into Triton custom metrics.
+thread-safe): it admits new requests, drops cancelled ones, runs engine.step() and hands what each request
+produced to the ResponseStreamer, whose sender threads send the responses (builder.triton.streamer), then
+mirrors engine.stats into Triton custom metrics.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.errors import BuilderError, RequestError
+from builder.triton.streamer import ResponseStreamer, Stream
 from builder.triton.tensors import (
     EngineRequest, engine_response, parameters, parse_bool, parse_engine_request, read_inputs, scalar)
 
@@ -34,6 +36,8 @@ IDLE_WAIT_S = 0.05  # how long the loop sleeps on an empty queue when no request
 SHUTDOWN_WAIT_S = 30.0
 METRICS_PERIOD_S = 0.05  # metric pushes are IPC calls: at most this often while busy, at once when idle
 DEFAULT_CANCEL_CHECK_MS = 100.0  # TensorRT-LLM's cancellation_check_period_ms default
+DEFAULT_SENDER_THREADS = 2
+DEFAULT_MAX_RESPONSES_PER_S = 2000.0  # streamed responses, all requests together (0: unbounded)
 
 # (name, counter?, help, value from (EngineStats, number of active requests))
 METRICS: tuple[tuple[str, bool, str, Callable[[Any, int], float]], ...] = (
@@ -80,7 +84,7 @@ class StopRequest:
 
     def matches(self, act: "ActiveRequest") -> bool:
         """True when act is a request this stop is meant for."""
-        return act.triton_id == self.triton_id and contains(act.parsed.prompt + act.generated, self.tail)
+        return act.triton_id == self.triton_id and contains(act.parsed.prompt + act.stream.generated, self.tail)
 
 
 @dataclass
@@ -89,9 +93,8 @@ class ActiveRequest:
 
     triton_id: str
     request: Any
-    sender: Any
     parsed: EngineRequest
-    generated: list[int] = field(default_factory=list)
+    stream: Stream  # its output, sent by the streamer's threads
 
 
 class EngineMetrics:
@@ -156,6 +159,11 @@ class TritonPythonModel:
         self.ids = itertools.count()
         self.cancel_check_s = float(params.get("cancellation_check_period_ms") or DEFAULT_CANCEL_CHECK_MS) / 1000
         self.last_cancel_check = self.last_metrics = 0.0
+        self.failed_sends: queue.Queue = queue.Queue()  # streams whose send raised: abort them on the engine thread
+        self.streamer = ResponseStreamer(
+            self.deliver, self.deliver_error, self.failed_sends.put,
+            threads=int(params.get("response_sender_threads") or DEFAULT_SENDER_THREADS),
+            max_responses_per_s=float(params.get("max_responses_per_second", DEFAULT_MAX_RESPONSES_PER_S)))
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run_loop, name="builder-engine", daemon=True)
         self.thread.start()
@@ -200,6 +208,7 @@ class TritonPythonModel:
             try:
                 self.admit(wait=not self.engine.has_unfinished())
                 self.drop_cancelled()
+                self.drop_failed_sends()
                 if self.engine.has_unfinished():
                     self.step()
                 self.update_metrics()
@@ -234,7 +243,8 @@ class TritonPythonModel:
         except RequestError as exc:
             send_error(item.sender, str(exc), pb_utils.TritonError.INVALID_ARG)
             return
-        self.active[request_id] = ActiveRequest(item.triton_id, item.request, item.sender, item.parsed)
+        stream = self.streamer.open(item.sender, item.parsed.streaming, item.parsed)
+        self.active[request_id] = ActiveRequest(item.triton_id, item.request, item.parsed, stream)
 
     def cancel(self, match: Callable[[ActiveRequest], bool], reason: str) -> None:
         """Abort every active request that matches (frees its KV blocks) and close it as cancelled."""
@@ -242,7 +252,19 @@ class TritonPythonModel:
             if match(act):
                 self.engine.abort(request_id)
                 del self.active[request_id]
-                send_error(act.sender, f"request cancelled: {reason}", pb_utils.TritonError.CANCELLED)
+                self.streamer.fail(act.stream, f"request cancelled: {reason}", pb_utils.TritonError.CANCELLED)
+
+    def drop_failed_sends(self) -> None:
+        """Abort the requests whose response could not be sent (the client went away)."""
+        while True:
+            try:
+                stream = self.failed_sends.get_nowait()
+            except queue.Empty:
+                return
+            for request_id, act in list(self.active.items()):
+                if act.stream is stream:
+                    self.engine.abort(request_id)
+                    del self.active[request_id]
 
     def drop_cancelled(self) -> None:
         """Abort requests whose client cancelled them (closed stream, timeout, stop_stream(cancel_requests)).
@@ -265,37 +287,31 @@ class TritonPythonModel:
         self.metrics.update(self.engine.stats, len(self.active))
 
     def step(self) -> None:
-        """One engine iteration; send what each request produced."""
+        """One engine iteration; hand what each request produced to the streamer."""
         for out in self.engine.step():
             act = self.active.get(out.request_id)
             if act is None:
                 continue
-            act.generated += out.new_token_ids
             if out.finished:
                 del self.active[out.request_id]
-            tensors = engine_response(act.parsed.prompt, act.generated, len(out.new_token_ids), act.parsed,
-                                      out.finished)
-            if tensors is not None:
-                self.send(act, tensors, out.finished)
+            self.streamer.post(act.stream, out.new_token_ids, out.finished)
 
-    def send(self, act: ActiveRequest, tensors: dict, final: bool) -> None:
-        """Send one response (the last one carries the FINAL flag together with its data)."""
+    def deliver(self, stream: Stream, upto: int, final: bool) -> None:
+        """Send stream.generated[stream.sent:upto] as one response (sender thread; FINAL flag with the last)."""
+        parsed: EngineRequest = stream.request
+        tensors = engine_response(parsed.prompt, stream.generated[:upto], upto - stream.sent, parsed, final)
         response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in tensors.items()])
-        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
-        try:
-            act.sender.send(response, flags=flags)
-        except Exception as exc:  # noqa: BLE001  e.g. the client went away between two steps
-            pb_utils.Logger.log_warn(f"tensorrt_llm could not send a response ({exc}); cancelling the request")
-            for request_id, other in list(self.active.items()):
-                if other is act:
-                    self.engine.abort(request_id)
-                    del self.active[request_id]
+        stream.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
+
+    def deliver_error(self, stream: Stream, message: str, code: int) -> None:
+        """Close stream's request with an error (sender thread)."""
+        send_error(stream.sender, message, code)
 
     def fail_all(self, message: str, code: int) -> None:
         """Abort every active and queued request with an error."""
         for request_id, act in list(self.active.items()):
             self.engine.abort(request_id)
-            send_error(act.sender, message, code)
+            self.streamer.fail(act.stream, message, code)
         self.active.clear()
         while True:
             try:
@@ -308,4 +324,5 @@ class TritonPythonModel:
         """Stop the engine thread (requests still running get an error), then the engine (TP workers too)."""
         self.stopping.set()
         self.thread.join(timeout=SHUTDOWN_WAIT_S)
+        self.streamer.close(timeout=SHUTDOWN_WAIT_S)
         self.engine.close()

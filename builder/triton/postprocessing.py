@@ -28,7 +28,8 @@ class Postprocessor:
     detokenizer: Detokenizer
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """TOKENS_BATCH [B, beams, T] + SEQUENCE_LENGTH [B, beams] (+ context, final flag) -> OUTPUT [B, beams]."""
+        """TOKENS_BATCH [B, beams, T] + SEQUENCE_LENGTH [B, beams] (+ context, final flag) -> OUTPUT [B, beams]
+        and OUT_NUM_TOKENS [B, beams] (the ids each text holds: a streamed chunk may carry several)."""
         tokens = np.asarray(inputs["TOKENS_BATCH"])
         tokens = tokens[:, None, :] if tokens.ndim == 2 else tokens
         batch, beams = tokens.shape[0], tokens.shape[1]
@@ -40,7 +41,7 @@ class Postprocessor:
             for beam in range(beams):
                 ids = tokens[b, beam, :int(lengths[b, beam])].tolist()
                 texts[b, beam] = self.detokenizer.delta(contexts[b], ids, finals[b]).encode("utf-8")
-        return {"OUTPUT": texts}
+        return {"OUTPUT": texts, "OUT_NUM_TOKENS": lengths.astype(np.int32)}
 
     @staticmethod
     def _contexts(inputs: Mapping[str, np.ndarray], batch: int) -> list[list[int]]:

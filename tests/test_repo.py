@@ -94,6 +94,7 @@ def test_render_and_validate(repo, engine_parts):
     assert params["exclude_input_in_output"] == "false" and params["kv_cache_memory_mb"] == "4"
     assert {"batch_scheduler_policy", "enable_chunked_context", "kv_cache_free_gpu_mem_fraction",
             "device"} <= set(params)
+    assert params["max_responses_per_second"] == "2000" and params["response_sender_threads"] == "2"
     assert configs["preprocessing"].parameters["tokenizer_dir"].string_value == "1/tokenizer"
     assert configs["postprocessing"].parameters["skip_special_tokens"].string_value == "true"
     for name in ("config.json", "build_config.json", "rank0.safetensors"):
@@ -189,6 +190,8 @@ def test_render_refuses_bad_input(engine_parts, tmp_path):
         render_repository(tmp_path / "r1", config, engine, tokenizer, copy_engine=True, templates_dir=templates)
     with pytest.raises(ConfigError, match="batch_scheduler_policy"):
         render_repository(tmp_path / "r2", config, engine, tokenizer, ServingOptions(batch_scheduler_policy="x"))
+    with pytest.raises(ConfigError, match="max_responses_per_second"):
+        render_repository(tmp_path / "r3", config, engine, tokenizer, ServingOptions(max_responses_per_second=-1))
     assert engine.is_dir()
 
 

@@ -263,6 +263,8 @@ class TritonPythonModel:
                 return
             for request_id, act in list(self.active.items()):
                 if act.stream is stream:
+                    pb_utils.Logger.log_warn(f"tensorrt_llm could not send a response for request "
+                                             f"{act.triton_id!r}; cancelling it")
                     self.engine.abort(request_id)
                     del self.active[request_id]
 

@@ -117,6 +117,19 @@ client_wheel() {
   export PYTHONPATH=$PYTHONPATH:/tmp/client-wheel
 }
 
+triton_points() {
+  # triton_points BENCH MIXED_ARRIVAL...: the served sweep points through BENCH (engine_bench or serve_bench);
+  # the mixed workload arrives all at once (MIXED_ARRIVAL). QUICK=1: only 128/128 at LEVELS (short device sessions)
+  local bench=$1
+  shift
+  [ "${QUICK:-0}" = 1 ] || $bench $SHORT-$OUT_LEN-c1 --input-len $SHORT --output-len $OUT_LEN --concurrency 1 \
+    --num-requests 6
+  $bench $SHORT-$OUT_LEN --input-len $SHORT --output-len $OUT_LEN --concurrency $LEVELS --num-requests $((N / 2))
+  [ "${QUICK:-0}" = 1 ] && return 0
+  $bench mixed --workload mixed $MIX_RANGES --num-requests $NMIX "$@"
+  $bench $LONG-$OUT_LEN --input-len $LONG --output-len $OUT_LEN --concurrency $LEVELS --num-requests $((N / 2))
+}
+
 stage_triton() {
   REPO=/tmp/repo-$SHAPE
   local log=$OUT/server.log
@@ -125,14 +138,7 @@ stage_triton() {
   $PY -m builder.cli build --model $CKPT --output $REPO --force --dtype $DTYPE --device $DEVICE --eval off \
     --max-batch-size 256 --max-input-len $LONG --max-seq-len $MAX_SEQ --max-num-tokens 8192 | tail -n 2 || return 1
   # the same points on the engine alone first (same engine files, same limits), for the side-by-side ratios
-  # QUICK=1: only the 128/128 sweep at LEVELS (short device sessions)
-  [ "${QUICK:-0}" = 1 ] || engine_bench $SHORT-$OUT_LEN-c1 --input-len $SHORT --output-len $OUT_LEN --concurrency 1 \
-    --num-requests 6
-  engine_bench $SHORT-$OUT_LEN --input-len $SHORT --output-len $OUT_LEN --concurrency $LEVELS --num-requests $((N / 2))
-  if [ "${QUICK:-0}" != 1 ]; then
-    engine_bench mixed --workload mixed $MIX_RANGES --num-requests $NMIX --concurrency all
-    engine_bench $LONG-$OUT_LEN --input-len $LONG --output-len $OUT_LEN --concurrency $LEVELS --num-requests $((N / 2))
-  fi
+  triton_points engine_bench --concurrency all
   serving_env || return 1  # from here on server and client run in the serving environment
   $PY -m builder.cli serve $REPO --grpc-port 18001 --http-port 18000 --metrics-port 18002 > $log 2>&1 &
   local server=$!
@@ -141,14 +147,7 @@ stage_triton() {
     kill -0 $server 2>/dev/null || { tail -n 5 $log; return 1; }
     sleep 1
   done
-  [ "${QUICK:-0}" = 1 ] || serve_bench $SHORT-$OUT_LEN-c1 --input-len $SHORT --output-len $OUT_LEN --concurrency 1 \
-    --num-requests 6
-  serve_bench $SHORT-$OUT_LEN --input-len $SHORT --output-len $OUT_LEN --concurrency $LEVELS --num-requests $((N / 2))
-  if [ "${QUICK:-0}" != 1 ]; then
-    serve_bench mixed --workload mixed $MIX_RANGES --num-requests $NMIX --request-rate inf
-    serve_bench $LONG-$OUT_LEN --input-len $LONG --output-len $OUT_LEN --concurrency $LEVELS \
-      --num-requests $((N / 2))
-  fi
+  triton_points serve_bench --request-rate inf
   # per-model request counts and busy times (where the served path spends its time)
   $PY -c "import urllib.request; print(urllib.request.urlopen('http://localhost:18002/metrics').read().decode())" \
     > "$OUT/triton-metrics.txt" 2>&1

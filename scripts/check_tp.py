@@ -43,38 +43,35 @@ def check(rank: int, world_size: int, port: int, device_type: str, timeout: floa
         return x, parts
 
     total = sum(range(1, world_size + 1))
+
+    def right(x: torch.Tensor, parts: list[torch.Tensor] | None) -> bool:
+        """The all-reduced sum on every rank, and rank r's share times r + 1 gathered on rank 0."""
+        return bool((x == total).all()) and (rank != 0 or all(bool((p == total * (r + 1)).all())
+                                                              for r, p in enumerate(parts)))
+
+    def eager() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        return collectives(torch.full((4096,), float(rank + 1), device=device))
+
     for label in ("first all-reduce + gather (creates the communicator)", "eager all-reduce + gather"):
         start = time.perf_counter()
-        x, parts = collectives(torch.full((4096,), float(rank + 1), device=device))
-        ok = bool((x == total).all()) and (rank != 0 or all(bool((p == total * (r + 1)).all())
-                                                             for r, p in enumerate(parts)))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        say(label, start, ok)
+        say(label, start, right(*eager()))
     if device.type == "cuda":
         static = torch.zeros(4096, device=device)
         start = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out, parts = collectives(static.clone())
+            out, captured_parts = collectives(static.clone())
         torch.cuda.synchronize()
         say("capture all-reduce + gather in a CUDA graph", start, True)
         static.fill_(float(rank + 1))
         start = time.perf_counter()
         graph.replay()
-        torch.cuda.synchronize()
-        ok = bool((out == total).all()) and (rank != 0 or all(bool((p == total * (r + 1)).all())
-                                                              for r, p in enumerate(parts)))
-        say("replay the graph", start, ok)
+        say("replay the graph", start, right(out, captured_parts))
         start = time.perf_counter()
-        x, parts = collectives(torch.full((4096,), float(rank + 1), device=device))
-        torch.cuda.synchronize()
-        say("eager all-reduce + gather after the graph", start, bool((x == total).all()))
+        say("eager all-reduce + gather after the graph", start, right(*eager()))
         start = time.perf_counter()
         graph.replay()
-        x, parts = collectives(torch.full((4096,), float(rank + 1), device=device))
-        torch.cuda.synchronize()
-        say("replay, then eager at once", start, bool((x == total).all()))
+        say("replay, then eager at once", start, right(*eager()))
         graph.reset()  # NCCL cannot destroy a communicator that a live graph holds: destroy_process_group hangs
     start = time.perf_counter()
     dist.destroy_process_group()

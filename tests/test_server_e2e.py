@@ -158,6 +158,34 @@ def test_cancelled_streams_free_the_kv_pool(llama_server):
     assert after["builder_engine_requests_aborted_total"] >= before["builder_engine_requests_aborted_total"] + 6
 
 
+def test_cancelled_engine_streams_are_aborted(llama_server):
+    """Streams straight to tensorrt_llm (no ensemble) that the client closes are found by the engine model's
+    cancellation watcher and aborted, while non-streamed requests keep the engine busy and finish."""
+    before = read_metrics(llama_server.metrics_port)
+    busy_results, threads = [], []
+
+    def engine_request(prompt_ids: list[int], streaming: bool, request_id: str, cancel_after: int | None) -> None:
+        inputs = engine_inputs(input_ids=prompt_ids, input_lengths=len(prompt_ids), request_output_len=200,
+                               min_tokens=200, streaming=streaming, exclude_input_in_output=True)
+        result = run_stream(llama_server.grpc_url, "tensorrt_llm", inputs, request_id=request_id,
+                            cancel_after=cancel_after)
+        if cancel_after is None:
+            busy_results.append(result)
+
+    for i in range(16):
+        threads.append(threading.Thread(target=engine_request, args=([5 + i, 6, 7, 8], False, f"busy{i}", None)))
+    for i in range(4):
+        threads.append(threading.Thread(target=engine_request, args=([9, 10 + i, 11], True, f"c{i}", 3)))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    _wait_kv_free(llama_server.metrics_port)
+    after = read_metrics(llama_server.metrics_port)
+    assert after["builder_engine_requests_aborted_total"] >= before["builder_engine_requests_aborted_total"] + 4
+    assert len(busy_results) == 16 and all(r.error is None and len(r.tokens) == 200 for r in busy_results)
+
+
 def test_bad_requests_get_errors_and_server_keeps_serving(llama_server):
     """Invalid inputs are answered with a readable error; the next good request still works."""
     url = llama_server.grpc_url

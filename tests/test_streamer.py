@@ -149,3 +149,56 @@ def test_many_streams_all_delivered(threads):
         assert [t for ids, _ in sent for t in ids] == list(range(20))
         assert sum(final for _, final in sent) == 1
     assert streamer.open_streams == 0
+
+
+def test_visit_owns_each_stream_and_never_probes_after_the_final_response():
+    """visit() and the senders never hold one stream at once; a closed stream is not probed; posts made while a
+    stream is probed go out afterwards."""
+    rec = Recorder(send_s=0.001)
+    streamer = make(rec, threads=2)
+    streams = [streamer.open(None, True, key) for key in range(8)]
+    probed_after_close = []
+
+    def probe(stream: Stream) -> bool:
+        with rec.lock:
+            rec.overlap |= stream.request in rec.in_flight
+        probed_after_close.extend([stream.request] if stream.closed else [])
+        time.sleep(0.0005)
+        return stream.request % 2 == 1
+
+    hits: list[int] = []
+    for token in range(30):
+        for stream in streams:
+            streamer.post(stream, [token], finished=token == 29)
+        hits.extend(s.request for s in streamer.visit(probe))
+    streamer.close(timeout=10)
+    assert not rec.overlap and not probed_after_close
+    assert set(hits) <= {1, 3, 5, 7} and hits
+    for key in range(8):
+        assert [t for ids, _ in rec.responses[key] for t in ids] == list(range(30))
+    assert streamer.visit(probe) == []  # every stream closed
+
+
+def test_cancel_watcher_reports_cancelled_streams_within_a_period():
+    """CancelWatcher polls every open stream once per period off the caller's thread and reports the cancelled."""
+    from builder.triton.cancel_watch import CancelWatcher
+
+    rec = Recorder()
+    streamer = make(rec)
+    streams = [streamer.open(None, True, key) for key in range(4)]
+    cancelled_keys: set[int] = set()
+    reported: list[Stream] = []
+    watcher = CancelWatcher(streamer, lambda s: s.request in cancelled_keys, reported.append, period_s=0.01)
+    time.sleep(0.05)
+    assert reported == []
+    cancelled_keys.add(2)
+    deadline = time.monotonic() + 2
+    while not reported and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert reported and {s.request for s in reported} == {2}
+    streamer.fail(streams[2], "request cancelled", "CANCELLED")
+    for stream in streams[:2] + streams[3:]:
+        streamer.post(stream, [1], finished=True)
+    watcher.close(timeout=5)
+    streamer.close(timeout=5)
+    assert rec.errors == {2: "request cancelled"} and streamer.open_streams == 0

@@ -54,7 +54,7 @@ ENSEMBLE_TYPES = {
 ENGINE_TYPES = {
     "input_ids": "INT32", "input_lengths": "INT32", "request_output_len": "INT32", "streaming": "BOOL",
     "end_id": "INT32", "runtime_top_k": "INT32", "runtime_top_p": "FP32", "temperature": "FP32", "seed": "UINT64",
-    "exclude_input_in_output": "BOOL",
+    "exclude_input_in_output": "BOOL", "min_tokens": "INT32",
 }
 
 

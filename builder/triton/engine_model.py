@@ -1,9 +1,10 @@
 """The `tensorrt_llm` model: builder.runtime's LLMEngine in Triton's python backend, decoupled.
 
 execute() only parses requests and queues them; one background thread owns the engine (it is not
-thread-safe): it admits new requests, drops cancelled ones, runs engine.step() and hands what each request
+thread-safe): it admits new requests, aborts cancelled ones, runs engine.step() and hands what each request
 produced to the ResponseStreamer, whose sender threads send the responses (builder.triton.streamer), then
-mirrors engine.stats into Triton custom metrics.
+mirrors engine.stats into Triton custom metrics. Client cancellation is polled by a CancelWatcher thread
+(builder.triton.cancel_watch), so its IPC round trips never hold up a step.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.errors import BuilderError, RequestError
+from builder.triton.cancel_watch import CancelWatcher
 from builder.triton.streamer import ResponseStreamer, Stream
 from builder.triton.tensors import (
     EngineRequest, engine_response, parameters, parse_bool, parse_engine_request, read_inputs, scalar)
@@ -82,19 +84,20 @@ class StopRequest:
     sender: Any
     tail: list[int] = field(default_factory=list)
 
-    def matches(self, act: "ActiveRequest") -> bool:
-        """True when act is a request this stop is meant for."""
-        return act.triton_id == self.triton_id and contains(act.parsed.prompt + act.stream.generated, self.tail)
+    def matches(self, stream: Stream) -> bool:
+        """True when stream's request is one this stop is meant for."""
+        act: ActiveRequest = stream.request
+        return act.triton_id == self.triton_id and contains(act.parsed.prompt + stream.generated, self.tail)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ActiveRequest:
-    """A request the engine is running."""
+    """A request the engine is running (the `request` of its Stream, which sender and watcher threads read)."""
 
+    request_id: str  # the engine's id
     triton_id: str
-    request: Any
+    request: Any  # the Triton request
     parsed: EngineRequest
-    stream: Stream  # its output, sent by the streamer's threads
 
 
 class EngineMetrics:
@@ -155,15 +158,20 @@ class TritonPythonModel:
                                        params)
         self.metrics = EngineMetrics({"model": args["model_name"], "version": args["model_version"]})
         self.inbox: queue.Queue = queue.Queue()
-        self.active: dict[str, ActiveRequest] = {}
+        self.active: dict[str, Stream] = {}  # engine request id -> its stream (engine thread only)
         self.ids = itertools.count()
-        self.cancel_check_s = float(params.get("cancellation_check_period_ms") or DEFAULT_CANCEL_CHECK_MS) / 1000
-        self.last_cancel_check = self.last_metrics = 0.0
-        self.failed_sends: queue.Queue = queue.Queue()  # streams whose send raised: abort them on the engine thread
+        self.last_metrics = 0.0
+        # (stream, cancelled): the client cancelled it, or (False) its response could not be sent; engine thread aborts
+        self.dropped: queue.Queue = queue.Queue()
         self.streamer = ResponseStreamer(
-            self.deliver, self.deliver_error, self.failed_sends.put,
+            self.deliver, self.deliver_error, lambda stream: self.dropped.put((stream, False)),
             threads=int(params.get("response_sender_threads") or DEFAULT_SENDER_THREADS),
             max_responses_per_s=float(params.get("max_responses_per_second", DEFAULT_MAX_RESPONSES_PER_S)))
+        cancel_check_ms = params.get("cancellation_check_period_ms")
+        self.watcher = CancelWatcher(
+            self.streamer, lambda stream: stream.request.request.is_cancelled(),
+            lambda stream: self.dropped.put((stream, True)),
+            period_s=float(cancel_check_ms if cancel_check_ms not in (None, "") else DEFAULT_CANCEL_CHECK_MS) / 1000)
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run_loop, name="builder-engine", daemon=True)
         self.thread.start()
@@ -207,8 +215,7 @@ class TritonPythonModel:
         while not self.stopping.is_set():
             try:
                 self.admit(wait=not self.engine.has_unfinished())
-                self.drop_cancelled()
-                self.drop_failed_sends()
+                self.drop_streams()
                 if self.engine.has_unfinished():
                     self.step()
                 self.update_metrics()
@@ -243,42 +250,35 @@ class TritonPythonModel:
         except RequestError as exc:
             send_error(item.sender, str(exc), pb_utils.TritonError.INVALID_ARG)
             return
-        stream = self.streamer.open(item.sender, item.parsed.streaming, item.parsed)
-        self.active[request_id] = ActiveRequest(item.triton_id, item.request, item.parsed, stream)
+        act = ActiveRequest(request_id, item.triton_id, item.request, item.parsed)
+        self.active[request_id] = self.streamer.open(item.sender, item.parsed.streaming, act)
 
-    def cancel(self, match: Callable[[ActiveRequest], bool], reason: str) -> None:
-        """Abort every active request that matches (frees its KV blocks) and close it as cancelled."""
-        for request_id, act in list(self.active.items()):
-            if match(act):
+    def cancel(self, match: Callable[[Stream], bool], reason: str) -> None:
+        """Abort every active request whose stream matches (frees its KV blocks) and close it as cancelled."""
+        for request_id, stream in list(self.active.items()):
+            if match(stream):
                 self.engine.abort(request_id)
                 del self.active[request_id]
-                self.streamer.fail(act.stream, f"request cancelled: {reason}", pb_utils.TritonError.CANCELLED)
+                self.streamer.fail(stream, f"request cancelled: {reason}", pb_utils.TritonError.CANCELLED)
 
-    def drop_failed_sends(self) -> None:
-        """Abort the requests whose response could not be sent (the client went away)."""
+    def drop_streams(self) -> None:
+        """Abort the requests the watcher found cancelled by their client (closed stream, timeout,
+        stop_stream(cancel_requests)) and those whose response could not be sent (the client went away)."""
         while True:
             try:
-                stream = self.failed_sends.get_nowait()
+                stream, cancelled = self.dropped.get_nowait()
             except queue.Empty:
                 return
-            for request_id, act in list(self.active.items()):
-                if act.stream is stream:
-                    pb_utils.Logger.log_warn(f"tensorrt_llm could not send a response for request "
-                                             f"{act.triton_id!r}; cancelling it")
-                    self.engine.abort(request_id)
-                    del self.active[request_id]
-
-    def drop_cancelled(self) -> None:
-        """Abort requests whose client cancelled them (closed stream, timeout, stop_stream(cancel_requests)).
-
-        Each is_cancelled() is an IPC round trip (~0.1 ms), so requests are checked every
-        cancellation_check_period_ms (TensorRT-LLM's parameter; 0 checks every step).
-        """
-        now = time.monotonic()
-        if now - self.last_cancel_check < self.cancel_check_s:
-            return
-        self.last_cancel_check = now
-        self.cancel(lambda act: act.request.is_cancelled(), "the client cancelled it")
+            act: ActiveRequest = stream.request
+            if self.active.get(act.request_id) is not stream:  # finished or dropped meanwhile
+                continue
+            if cancelled:
+                self.cancel(lambda s: s is stream, "the client cancelled it")
+                continue
+            pb_utils.Logger.log_warn(f"tensorrt_llm could not send a response for request {act.triton_id!r}; "
+                                     "cancelling it")
+            self.engine.abort(act.request_id)
+            del self.active[act.request_id]
 
     def update_metrics(self) -> None:
         """Mirror engine.stats into the metrics: throttled while requests run, at once when idle."""
@@ -291,16 +291,16 @@ class TritonPythonModel:
     def step(self) -> None:
         """One engine iteration; hand what each request produced to the streamer."""
         for out in self.engine.step():
-            act = self.active.get(out.request_id)
-            if act is None:
+            stream = self.active.get(out.request_id)
+            if stream is None:
                 continue
             if out.finished:
                 del self.active[out.request_id]
-            self.streamer.post(act.stream, out.new_token_ids, out.finished)
+            self.streamer.post(stream, out.new_token_ids, out.finished)
 
     def deliver(self, stream: Stream, upto: int, final: bool) -> None:
         """Send stream.generated[stream.sent:upto] as one response (sender thread; FINAL flag with the last)."""
-        parsed: EngineRequest = stream.request
+        parsed: EngineRequest = stream.request.parsed
         tensors = engine_response(parsed.prompt, stream.generated[:upto], upto - stream.sent, parsed, final)
         response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in tensors.items()])
         stream.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
@@ -311,9 +311,9 @@ class TritonPythonModel:
 
     def fail_all(self, message: str, code: int) -> None:
         """Abort every active and queued request with an error."""
-        for request_id, act in list(self.active.items()):
+        for request_id, stream in list(self.active.items()):
             self.engine.abort(request_id)
-            self.streamer.fail(act.stream, message, code)
+            self.streamer.fail(stream, message, code)
         self.active.clear()
         while True:
             try:
@@ -326,5 +326,6 @@ class TritonPythonModel:
         """Stop the engine thread (requests still running get an error), then the engine (TP workers too)."""
         self.stopping.set()
         self.thread.join(timeout=SHUTDOWN_WAIT_S)
+        self.watcher.close(timeout=SHUTDOWN_WAIT_S)
         self.streamer.close(timeout=SHUTDOWN_WAIT_S)
         self.engine.close()

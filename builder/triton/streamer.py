@@ -10,6 +10,8 @@ only records what each request produced; sender threads deliver it:
   - `max_responses_per_s` bounds the total rate of non-final responses: with N streams, each gets at most one
     response per N / max_responses_per_s seconds, so postprocessing's queue cannot grow without end. A request's
     first and final responses are never held back.
+Other threads reach a request's Triton objects only through visit(), which owns each stream it probes the way a
+sender does: no response goes out meanwhile, so nothing is asked of a request after its final response.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class ResponseStreamer:
         self.lock = threading.Condition()
         self.ready: list[tuple[float, int, Stream]] = []  # heap of (due time, tie-break, stream)
         self.order = itertools.count()
-        self.open_streams = 0  # streams not yet closed (the N of the rate bound)
+        self.streams: set[Stream] = set()  # streams not yet closed (their number is the N of the rate bound)
         self.busy = 0  # streams being sent right now
         self.stopping = False
         self.threads = [threading.Thread(target=self._run, name=f"builder-sender-{i}", daemon=True)
@@ -77,9 +79,42 @@ class ResponseStreamer:
 
     def open(self, sender: Any, streaming: bool, request: Any = None) -> Stream:
         """A new stream for a request the engine accepted."""
+        stream = Stream(sender, streaming, request)
         with self.lock:
-            self.open_streams += 1
-        return Stream(sender, streaming, request)
+            self.streams.add(stream)
+        return stream
+
+    @property
+    def open_streams(self) -> int:
+        """How many streams are not yet closed."""
+        return len(self.streams)
+
+    def visit(self, probe: Callable[[Stream], bool]) -> list[Stream]:
+        """Call probe on each open stream no sender is sending, owning it meanwhile; the streams probe said True of.
+
+        Runs on the caller's thread (the probe may block, e.g. on IPC). A stream being sent is skipped this time.
+        """
+        with self.lock:
+            streams = list(self.streams)
+        hits = []
+        for stream in streams:
+            with self.lock:
+                if stream.closed or stream.sending:
+                    continue
+                stream.sending = True
+                self.busy += 1
+            try:
+                hit = probe(stream)
+            except Exception:  # noqa: BLE001  a probe that cannot answer says nothing about the stream
+                hit = False
+            with self.lock:
+                stream.sending = False
+                self.busy -= 1
+                self._schedule(stream)  # what was posted while it was owned here
+                self.lock.notify_all()
+            if hit:
+                hits.append(stream)
+        return hits
 
     def post(self, stream: Stream, new_ids: list[int], finished: bool) -> None:
         """The engine produced new_ids for stream (finished: its last ones). Engine thread; never blocks on IPC."""
@@ -130,6 +165,10 @@ class ResponseStreamer:
                     if stream.due != due:  # stale: queued again for an earlier time, or already sent
                         heapq.heappop(self.ready)
                         continue
+                    if stream.sending:  # owned by visit(), which queues it again when it lets go
+                        heapq.heappop(self.ready)
+                        stream.due = None
+                        continue
                     wait = due - time.monotonic()
                     if wait <= 0:
                         heapq.heappop(self.ready)
@@ -163,7 +202,7 @@ class ResponseStreamer:
             stream.sending = False
             if final or error is not None:
                 stream.closed = True
-                self.open_streams -= 1
+                self.streams.discard(stream)
             else:
                 self._schedule(stream)
             self.busy -= 1

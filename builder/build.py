@@ -11,6 +11,7 @@ from pathlib import Path
 from builder.config import BuildSettings, EngineConfig, QuantOptions
 from builder.errors import BuilderError, ConfigError, OutputExistsError
 from builder.quantize.accuracy import EvalOptions
+from builder.repo.render import ServingOptions
 
 TINY_MODELS = {
     "tiny-llama": "LlamaForCausalLM",
@@ -31,6 +32,7 @@ class BuildOptions:
     quant: QuantOptions = field(default_factory=QuantOptions)  # --quant, --kv-cache-dtype, --group-size, --calib-*
     evaluation: EvalOptions = field(default_factory=EvalOptions)  # --eval, --eval-data, --max-ppl-increase
     backend: str = "portable"  # --backend: portable | tensorrtllm | trtllm-pytorch (builder.repo.trtllm_backend)
+    serving: ServingOptions = field(default_factory=ServingOptions)  # --preprocessing-instances, ... (Triton side)
 
 
 def resolve_model_dir(model: str, scratch: Path) -> Path:
@@ -91,6 +93,7 @@ def build(options: BuildOptions) -> EngineConfig:
     precheck_settings(options.settings)
     check_quant_options(options.quant)
     check_eval_options(options.evaluation)
+    options.serving.validate()
     from builder.repo.trtllm_backend import build_trtllm_target, precheck_backend
 
     precheck_backend(options)
@@ -114,7 +117,7 @@ def build(options: BuildOptions) -> EngineConfig:
                                            quant=options.quant)
         evaluate(staging / "engine", engine_config)
         repo = staging / "repository"
-        render_repository(repo, engine_config, staging / "engine", staging / "tokenizer")
+        render_repository(repo, engine_config, staging / "engine", staging / "tokenizer", options.serving)
         validate_repository(repo)
         _move_into_place(repo, output)
         return engine_config

@@ -51,6 +51,11 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
                    help="UTF-8 text file to calibrate on (int4_awq, fp8, int8/fp8 KV); default: bundled corpus")
     q.add_argument("--calib-size", type=int, default=16, help="calibration sequences")
     q.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence")
+    t = p.add_argument_group("serving (Triton side, docs/serving.md)")
+    t.add_argument("--preprocessing-instances", type=int, default=1,
+                   help="instances of the tokenizing preprocessing model (TensorRT-LLM's preprocessing_instance_count)")
+    t.add_argument("--max-responses-per-second", type=float, default=2000.0,
+                   help="bound on the engine model's streamed responses, all requests together (0: unbounded)")
     e = p.add_argument_group("accuracy (docs/performance.md)")
     e.add_argument("--eval", default="auto", choices=("auto", "on", "off"),
                    help="measure perplexity and KL divergence against the unquantized model (converted to a temp "
@@ -118,6 +123,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from builder.build import BuildOptions, build
     from builder.config import QuantOptions
     from builder.quantize.accuracy import EvalOptions, read_report
+    from builder.repo.render import ServingOptions
 
     settings = BuildSettings(dtype=args.dtype, max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
                              max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
@@ -128,7 +134,10 @@ def cmd_build(args: argparse.Namespace) -> int:
                                     quant=args.quant, kv_cache_dtype=args.kv_cache_dtype, group_size=args.group_size,
                                     exclude_modules=args.exclude_modules, calib_data=args.calib_data,
                                     calib_size=args.calib_size, calib_seq_len=args.calib_seq_len),
-                                backend=args.backend, evaluation=EvalOptions(
+                                backend=args.backend, serving=ServingOptions(
+                                    preprocessing_instances=args.preprocessing_instances,
+                                    max_responses_per_second=args.max_responses_per_second),
+                                evaluation=EvalOptions(
                                     mode=args.eval, max_ppl_increase=args.max_ppl_increase, eval_data=args.eval_data,
                                     max_tokens=args.eval_tokens)))
     report = read_report(args.output.expanduser())

@@ -7,6 +7,8 @@
 #                                            # built engine (put triton last: it switches to the serving venv)
 #   scripts/bench_gpu.sh tp2                 # TP=2 on two GPUs: equality tests + batch 1 and 64 at TP 1 and 2
 #   QUICK=1 scripts/bench_gpu.sh triton      # only the 128/128 sweep at 16, 64, 256 (engine alone, then Triton)
+#   scripts/bench_gpu.sh profile             # 128/128 + mixed, engine alone then served (one server per SERVER_ENVS
+#                                            # entry), with py-spy profiles of the three python models under load
 #
 # Run from the repository root on the GPU machine (PYTHONPATH is set here), in the machine's own Python (numpy 2).
 # `triton` needs tritonserver, tritonclient and numpy < 2 for the python backend: when tritonclient is missing it
@@ -130,31 +132,105 @@ triton_points() {
   $bench $LONG-$OUT_LEN --input-len $LONG --output-len $OUT_LEN --concurrency $LEVELS --num-requests $((N / 2))
 }
 
-stage_triton() {
+served_repo() {
+  # the repository the served stages load (REPO), built once per machine
   REPO=/tmp/repo-$SHAPE
-  local log=$OUT/server.log
   random_checkpoint
   client_wheel || return 1
+  [ -f $REPO/ensemble/config.pbtxt ] && return 0
   $PY -m builder.cli build --model $CKPT --output $REPO --force --dtype $DTYPE --device $DEVICE --eval off \
-    --max-batch-size 256 --max-input-len $LONG --max-seq-len $MAX_SEQ --max-num-tokens 8192 | tail -n 2 || return 1
+    --max-batch-size 256 --max-input-len $LONG --max-seq-len $MAX_SEQ --max-num-tokens 8192 \
+    --preprocessing-instances ${PRE_INSTANCES:-4} | tail -n 2
+}
+
+start_server() {
+  # start_server LOG [VAR=VALUE...]: tritonserver on REPO (ports 18000-18002) in the background as SERVER, with
+  # those environment variables; waits until ready
+  local log=$1
+  shift
+  env "$@" $PY -m builder.cli serve $REPO --grpc-port 18001 --http-port 18000 --metrics-port 18002 > $log 2>&1 &
+  SERVER=$!
+  for _ in $(seq 300); do
+    grep -q "^builder: ready" $log && return 0
+    kill -0 $SERVER 2>/dev/null || { tail -n 5 $log; return 1; }
+    sleep 1
+  done
+  return 1
+}
+
+stop_server() {
+  # per-model request counts and busy times (where the served path spends its time) to FILE, then stop SERVER
+  $PY -c "import urllib.request; print(urllib.request.urlopen('http://localhost:18002/metrics').read().decode())" \
+    > "$1" 2>&1
+  grep -E "^nv_inference_(request_success|exec_count|compute_infer_duration_us|queue_duration_us)" "$1" \
+    | sed 's/,version="1"//'
+  kill $SERVER
+  wait $SERVER 2>/dev/null
+}
+
+stage_triton() {
+  served_repo || return 1
   # the same points on the engine alone first (same engine files, same limits), for the side-by-side ratios
   triton_points engine_bench --concurrency all
   serving_env || return 1  # from here on server and client run in the serving environment
-  $PY -m builder.cli serve $REPO --grpc-port 18001 --http-port 18000 --metrics-port 18002 > $log 2>&1 &
-  local server=$!
-  for _ in $(seq 300); do
-    grep -q "^builder: ready" $log && break
-    kill -0 $server 2>/dev/null || { tail -n 5 $log; return 1; }
-    sleep 1
-  done
+  start_server $OUT/server.log || return 1
   triton_points serve_bench --request-rate inf
-  # per-model request counts and busy times (where the served path spends its time)
-  $PY -c "import urllib.request; print(urllib.request.urlopen('http://localhost:18002/metrics').read().decode())" \
-    > "$OUT/triton-metrics.txt" 2>&1
-  grep -E "^nv_inference_(request_success|exec_count|compute_infer_duration_us|queue_duration_us)" \
-    "$OUT/triton-metrics.txt" | sed 's/,version="1"//'
-  kill $server
-  wait $server 2>/dev/null
+  stop_server "$OUT/triton-metrics.txt"
+}
+
+stage_profile() {
+  # where the engine model's time goes under load: py-spy (its wheel in .device) samples the tensorrt_llm stub for
+  # 8 s of steady 128/128 load at concurrency C_PROFILE (default 256), every thread and then only the GIL holder;
+  # collapsed stacks in profile-*.txt, with the threads' CPU use (top) and the cgroup's CPU throttling. SERVER_ENVS
+  # (default "BUILDER_BASELINE=1 TOKENIZERS_PARALLELISM=false"): one server per entry, started with that variable
+  # set, serving the 128/128 sweep and the mixed workload after the engine alone; the first is profiled
+  served_repo || return 1
+  QUICK=1 triton_points engine_bench
+  engine_bench mixed --workload mixed $MIX_RANGES --num-requests $NMIX --concurrency all
+  serving_env || return 1
+  $PY -m pip install -q --no-index --no-deps --target /tmp/py-spy .device/py_spy-*.whl || return 1
+  local variant c=${C_PROFILE:-256} pre=$REPO/preprocessing/config.pbtxt
+  [ -f $pre.orig ] || cp $pre $pre.orig
+  for variant in ${SERVER_ENVS:-BUILDER_BASELINE=1 TOKENIZERS_PARALLELISM=false}; do
+    echo "-- server with $variant"
+    cp $pre.orig $pre
+    case $variant in  # PRE_INSTANCES=N: that many preprocessing instances
+      PRE_INSTANCES=*) sed -i "s/{ count: [0-9]* kind: KIND_CPU }/{ count: ${variant#*=} kind: KIND_CPU }/" $pre ;;
+    esac
+    start_server $OUT/server-${variant%%=*}.log $variant || return 1
+    QUICK=1 triton_points serve_bench --request-rate inf
+    serve_bench mixed --workload mixed $MIX_RANGES --num-requests $NMIX --request-rate inf
+    mv "$OUT/triton-$SHORT-$OUT_LEN" "$OUT/triton-$SHORT-$OUT_LEN-${variant%%=*}"
+    mv "$OUT/triton-mixed" "$OUT/triton-mixed-${variant%%=*}"
+    if [ ! -f "$OUT/profile-gil.txt" ]; then
+      $PY -m builder.cli bench --url localhost:18001 --repo $REPO --out "$OUT/profile-load" --input-len $SHORT \
+        --output-len $OUT_LEN --concurrency $c --num-requests $((6 * c)) > /dev/null 2>&1 &
+      local load=$! model pid spies=""
+      cat /sys/fs/cgroup/cpu.max /sys/fs/cgroup/cpu.stat > "$OUT/cgroup-cpu.txt" 2>&1
+      sleep ${PROFILE_DELAY_S:-8}
+      for model in tensorrt_llm preprocessing postprocessing; do
+        pid=$(pgrep -f "$model/1/model.py" | head -n 1)
+        /tmp/py-spy/bin/py-spy record --pid $pid --duration 8 --rate 250 --format raw --threads --idle \
+          --nonblocking -o "$OUT/profile-$model.txt" >> "$OUT/py-spy.log" 2>&1 &
+        spies="$spies $!"
+      done
+      /tmp/py-spy/bin/py-spy record --pid $(pgrep -f "tensorrt_llm/1/model.py" | head -n 1) --duration 8 --rate 250 \
+        --format raw --gil --nonblocking -o "$OUT/profile-gil.txt" >> "$OUT/py-spy.log" 2>&1 &
+      spies="$spies $!"
+      # native frames too (pauses the process per sample): where preprocessing's time goes outside Python
+      /tmp/py-spy/bin/py-spy record --pid $(pgrep -f "preprocessing/1/model.py" | head -n 1) --duration 8 \
+        --rate 100 --format raw --native --idle -o "$OUT/profile-preprocessing-native.txt" >> "$OUT/py-spy.log" 2>&1 &
+      spies="$spies $!"
+      sleep 2
+      top -H -b -n 1 -w 250 | head -n 45 > "$OUT/top-threads.txt"
+      wait $load $spies
+      echo "-- after the load" >> "$OUT/cgroup-cpu.txt"
+      cat /sys/fs/cgroup/cpu.stat >> "$OUT/cgroup-cpu.txt" 2>&1
+      grep -c Wrote "$OUT/py-spy.log"
+      head -n 25 "$OUT/top-threads.txt"
+    fi
+    stop_server "$OUT/triton-metrics-${variant%%=*}.txt"
+  done
 }
 
 stage_tp2() {

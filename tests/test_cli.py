@@ -48,9 +48,13 @@ def test_build_tiny_llama_default_and_output_exists(tmp_path):
     before = marker.stat().st_mtime_ns
     again = run_builder("build", "--output", str(out), *SMALL)
     assert again.returncode == 2 and "--force" in again.stderr and marker.stat().st_mtime_ns == before
-    forced = run_builder("build", "--output", str(out), "--force", *SMALL)
+    forced = run_builder("build", "--output", str(out), "--force", "--preprocessing-instances", "3",
+                         "--max-responses-per-second", "500", *SMALL)
     assert forced.returncode == 0, forced.stderr
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".repo.")]
+    assert "{ count: 3 kind: KIND_CPU }" in (out / "preprocessing" / "config.pbtxt").read_text()
+    assert 'key: "max_responses_per_second" value: { string_value: "500" }' in \
+        (out / "tensorrt_llm" / "config.pbtxt").read_text()
 
 
 def test_unknown_architecture(hf_copy, tmp_path):
@@ -91,3 +95,5 @@ def test_bad_build_option(tmp_path):
     out = tmp_path / "repo"
     result = run_builder("build", "--output", str(out), "--max-seq-len", "64", "--max-input-len", "128")
     assert_clean_failure(result, out, "max_input_len")
+    result = run_builder("build", "--output", str(out), "--preprocessing-instances", "0")
+    assert_clean_failure(result, out, "preprocessing_instances")

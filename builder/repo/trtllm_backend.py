@@ -234,7 +234,8 @@ def build_trtllm_target(options, hf_dir: Path, staging: Path, settings, final_re
                                            quant=options.quant)
         if evaluate is not None:
             evaluate(staging / "engine", engine_config)
-        render_tensorrtllm_repository(repo, engine_config, staging / "engine", staging / "tokenizer", final_repo)
+        render_tensorrtllm_repository(repo, engine_config, staging / "engine", staging / "tokenizer", final_repo,
+                                      options.serving)
         return engine_config
     if options.backend == "trtllm-pytorch":
         from builder.checkpoint.hf_export import export_hf_checkpoint
@@ -247,7 +248,7 @@ def build_trtllm_target(options, hf_dir: Path, staging: Path, settings, final_re
         engine_config = export_hf_checkpoint(hf_dir, staging / "hf_export", settings, tp_size=options.tp_size,
                                              quant_config=check_quant_options(options.quant),
                                              quant_options=options.quant)
-        render_llmapi_repository(repo, engine_config, staging / "hf_export", final_repo)
+        render_llmapi_repository(repo, engine_config, staging / "hf_export", final_repo, options.serving)
         return engine_config
     raise ConfigError(f"--backend {options.backend!r} is not a TensorRT-LLM target")
 

@@ -130,6 +130,7 @@ triton_points() {
   [ "${QUICK:-0}" = 1 ] && return 0
   $bench mixed --workload mixed $MIX_RANGES --num-requests $NMIX "$@"
   $bench $LONG-$OUT_LEN --input-len $LONG --output-len $OUT_LEN --concurrency $LEVELS --num-requests $((N / 2))
+  $bench $LONG-$OUT_LEN-c1 --input-len $LONG --output-len $OUT_LEN --concurrency 1 --num-requests 6
 }
 
 served_repo() {

@@ -139,7 +139,6 @@ def test_cancelled_streams_free_the_kv_pool(llama_server):
     queued there; 24 non-streamed requests (one postprocessing call each) share the engine's steps meanwhile, so
     the engine cannot finish the cancelled sequences before the cancel arrives (alone, the tiny model's engine
     can outrun postprocessing on a loaded CPU)."""
-    before = read_metrics(llama_server.metrics_port)
     threads = []
     for i in range(24):
         inputs = ensemble_inputs(text_input=f"keep the engine busy {i}", max_tokens=200, min_tokens=200, stream=False)
@@ -149,19 +148,24 @@ def test_cancelled_streams_free_the_kv_pool(llama_server):
         inputs = ensemble_inputs(text_input=f"cancel me {i} " * 5, max_tokens=200, min_tokens=200, stream=True)
         threads.append(threading.Thread(target=run_stream, args=(llama_server.grpc_url, "ensemble", inputs),
                                         kwargs=dict(request_id=f"c{i}", cancel_after=3)))
+    assert _aborted_while(llama_server, threads) >= 6
+
+
+def _aborted_while(server, threads: list[threading.Thread]) -> float:
+    """Run threads to their end and wait until every KV block is free again; how many requests the engine aborted
+    meanwhile."""
+    before = read_metrics(server.metrics_port)["builder_engine_requests_aborted_total"]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
-    _wait_kv_free(llama_server.metrics_port)
-    after = read_metrics(llama_server.metrics_port)
-    assert after["builder_engine_requests_aborted_total"] >= before["builder_engine_requests_aborted_total"] + 6
+    _wait_kv_free(server.metrics_port)
+    return read_metrics(server.metrics_port)["builder_engine_requests_aborted_total"] - before
 
 
 def test_cancelled_engine_streams_are_aborted(llama_server):
     """Streams straight to tensorrt_llm (no ensemble) that the client closes are found by the engine model's
     cancellation watcher and aborted, while non-streamed requests keep the engine busy and finish."""
-    before = read_metrics(llama_server.metrics_port)
     busy_results, threads = [], []
 
     def engine_request(prompt_ids: list[int], streaming: bool, request_id: str, cancel_after: int | None) -> None:
@@ -176,13 +180,7 @@ def test_cancelled_engine_streams_are_aborted(llama_server):
         threads.append(threading.Thread(target=engine_request, args=([5 + i, 6, 7, 8], False, f"busy{i}", None)))
     for i in range(4):
         threads.append(threading.Thread(target=engine_request, args=([9, 10 + i, 11], True, f"c{i}", 3)))
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    _wait_kv_free(llama_server.metrics_port)
-    after = read_metrics(llama_server.metrics_port)
-    assert after["builder_engine_requests_aborted_total"] >= before["builder_engine_requests_aborted_total"] + 4
+    assert _aborted_while(llama_server, threads) >= 4
     assert len(busy_results) == 16 and all(r.error is None and len(r.tokens) == 200 for r in busy_results)
 
 

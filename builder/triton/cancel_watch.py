@@ -1,10 +1,11 @@
 """Client cancellation of the tensorrt_llm model's requests, polled on a thread of its own.
 
-In Triton's python backend `request.is_cancelled()` is an IPC round trip to the server (about 0.1 ms; it releases
-the GIL). Polled from the engine thread every `cancellation_check_period_ms` (100 ms, TensorRT-LLM's default),
-256 running requests kept the engine thread waiting 25.6 ms of every 100 ms, which stretched each decode step by
-a third. Here a watcher thread polls the streams through ResponseStreamer.visit (so a request is never asked after
-its final response) and hands the cancelled ones to the engine thread, which aborts them.
+In Triton's python backend `request.is_cancelled()` is an IPC round trip to the server (it releases the GIL).
+Polled from the engine thread every `cancellation_check_period_ms` (100 ms, TensorRT-LLM's default), each running
+request made the engine thread wait for one round trip per period, between steps. Here a watcher thread polls the
+streams through ResponseStreamer.visit (so a request is never asked after its final response) and hands the
+cancelled ones to the engine thread, which aborts them. Measured on an H200 with 256 streams: inter-token p50
+through Triton 16.1 ms before, 14.4-15.7 ms after (docs/performance.md).
 """
 
 from __future__ import annotations

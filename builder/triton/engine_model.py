@@ -272,13 +272,13 @@ class TritonPythonModel:
             act: ActiveRequest = stream.request
             if self.active.get(act.request_id) is not stream:  # finished or dropped meanwhile
                 continue
-            if cancelled:
-                self.cancel(lambda s: s is stream, "the client cancelled it")
-                continue
-            pb_utils.Logger.log_warn(f"tensorrt_llm could not send a response for request {act.triton_id!r}; "
-                                     "cancelling it")
             self.engine.abort(act.request_id)
             del self.active[act.request_id]
+            if cancelled:
+                self.streamer.fail(stream, "request cancelled: the client cancelled it", pb_utils.TritonError.CANCELLED)
+            else:  # its stream is closed already
+                pb_utils.Logger.log_warn(f"tensorrt_llm could not send a response for request {act.triton_id!r}; "
+                                         "cancelled it")
 
     def update_metrics(self) -> None:
         """Mirror engine.stats into the metrics: throttled while requests run, at once when idle."""

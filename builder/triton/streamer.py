@@ -37,7 +37,7 @@ class Stream:
     finished: bool = False  # the engine produced its last id
     error: tuple[str, Any] | None = None  # (message, code): close the request with this error instead
     due: float | None = None  # when it is queued: the time.monotonic() it may be sent at
-    sending: bool = False  # a sender thread is sending it (no other sender touches it)
+    sending: bool = False  # a sender thread, or visit(), owns it now (no other thread sends or probes it)
     closed: bool = False  # its final response (or error) went out
     last_send: float = float("-inf")  # time.monotonic() of its last response
 

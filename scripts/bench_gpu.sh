@@ -179,23 +179,56 @@ stage_triton() {
   stop_server "$OUT/triton-metrics.txt"
 }
 
+spy() {
+  # spy MODEL NAME ARGS...: py-spy samples MODEL's python-backend stub for 8 s into profile-NAME.txt (background;
+  # its pid is added to SPIES)
+  local model=$1 name=$2
+  shift 2
+  /tmp/py-spy/bin/py-spy record --pid "$(pgrep -f "$model/1/model.py" | head -n 1)" --duration 8 --format raw "$@" \
+    -o "$OUT/profile-$name.txt" >> "$OUT/py-spy.log" 2>&1 &
+  SPIES="$SPIES $!"
+}
+
+profile_load() {
+  # profile_load C: 128/128 load at concurrency C on the running server; after PROFILE_DELAY_S (default 8, the
+  # client's start-up) the three stubs are sampled (every thread, the GIL holder, preprocessing's native frames),
+  # with the threads' CPU use (top) and the cgroup's CPU throttling before and after
+  $PY -m builder.cli bench --url localhost:18001 --repo $REPO --out "$OUT/profile-load" --input-len $SHORT \
+    --output-len $OUT_LEN --concurrency $1 --num-requests $((6 * $1)) > /dev/null 2>&1 &
+  local load=$! model
+  SPIES=""
+  cat /sys/fs/cgroup/cpu.max /sys/fs/cgroup/cpu.stat > "$OUT/cgroup-cpu.txt" 2>&1
+  sleep ${PROFILE_DELAY_S:-8}
+  for model in tensorrt_llm preprocessing postprocessing; do
+    spy $model $model --rate 250 --threads --idle --nonblocking
+  done
+  spy tensorrt_llm gil --rate 250 --gil --nonblocking
+  spy preprocessing preprocessing-native --rate 100 --native --idle  # pauses the process per sample
+  sleep 2
+  top -H -b -n 1 -w 250 | head -n 45 > "$OUT/top-threads.txt"
+  wait $load $SPIES
+  echo "-- after the load" >> "$OUT/cgroup-cpu.txt"
+  cat /sys/fs/cgroup/cpu.stat >> "$OUT/cgroup-cpu.txt" 2>&1
+  grep -c Wrote "$OUT/py-spy.log"
+  head -n 25 "$OUT/top-threads.txt"
+}
+
 stage_profile() {
-  # where the engine model's time goes under load: py-spy (its wheel in .device) samples the tensorrt_llm stub for
-  # 8 s of steady 128/128 load at concurrency C_PROFILE (default 256), every thread and then only the GIL holder;
-  # collapsed stacks in profile-*.txt, with the threads' CPU use (top) and the cgroup's CPU throttling. SERVER_ENVS
-  # (default "BUILDER_BASELINE=1 TOKENIZERS_PARALLELISM=false"): one server per entry, started with that variable
-  # set, serving the 128/128 sweep and the mixed workload after the engine alone; the first is profiled
+  # where the served path's time goes under load. SERVER_ENVS (default "BUILDER_BASELINE=1
+  # TOKENIZERS_PARALLELISM=false"): one server per entry, started with that variable set (PRE_INSTANCES=N: that
+  # many preprocessing instances instead), serving the 128/128 sweep and the mixed workload after the engine alone;
+  # the first one is profiled under C_PROFILE (default 256) streams (profile_load; py-spy's wheel in .device)
   served_repo || return 1
   QUICK=1 triton_points engine_bench
   engine_bench mixed --workload mixed $MIX_RANGES --num-requests $NMIX --concurrency all
   serving_env || return 1
   $PY -m pip install -q --no-index --no-deps --target /tmp/py-spy .device/py_spy-*.whl || return 1
-  local variant c=${C_PROFILE:-256} pre=$REPO/preprocessing/config.pbtxt
+  local variant pre=$REPO/preprocessing/config.pbtxt
   [ -f $pre.orig ] || cp $pre $pre.orig
   for variant in ${SERVER_ENVS:-BUILDER_BASELINE=1 TOKENIZERS_PARALLELISM=false}; do
     echo "-- server with $variant"
     cp $pre.orig $pre
-    case $variant in  # PRE_INSTANCES=N: that many preprocessing instances
+    case $variant in
       PRE_INSTANCES=*) sed -i "s/{ count: [0-9]* kind: KIND_CPU }/{ count: ${variant#*=} kind: KIND_CPU }/" $pre ;;
     esac
     start_server $OUT/server-${variant%%=*}.log $variant || return 1
@@ -203,33 +236,7 @@ stage_profile() {
     serve_bench mixed --workload mixed $MIX_RANGES --num-requests $NMIX --request-rate inf
     mv "$OUT/triton-$SHORT-$OUT_LEN" "$OUT/triton-$SHORT-$OUT_LEN-${variant%%=*}"
     mv "$OUT/triton-mixed" "$OUT/triton-mixed-${variant%%=*}"
-    if [ ! -f "$OUT/profile-gil.txt" ]; then
-      $PY -m builder.cli bench --url localhost:18001 --repo $REPO --out "$OUT/profile-load" --input-len $SHORT \
-        --output-len $OUT_LEN --concurrency $c --num-requests $((6 * c)) > /dev/null 2>&1 &
-      local load=$! model pid spies=""
-      cat /sys/fs/cgroup/cpu.max /sys/fs/cgroup/cpu.stat > "$OUT/cgroup-cpu.txt" 2>&1
-      sleep ${PROFILE_DELAY_S:-8}
-      for model in tensorrt_llm preprocessing postprocessing; do
-        pid=$(pgrep -f "$model/1/model.py" | head -n 1)
-        /tmp/py-spy/bin/py-spy record --pid $pid --duration 8 --rate 250 --format raw --threads --idle \
-          --nonblocking -o "$OUT/profile-$model.txt" >> "$OUT/py-spy.log" 2>&1 &
-        spies="$spies $!"
-      done
-      /tmp/py-spy/bin/py-spy record --pid $(pgrep -f "tensorrt_llm/1/model.py" | head -n 1) --duration 8 --rate 250 \
-        --format raw --gil --nonblocking -o "$OUT/profile-gil.txt" >> "$OUT/py-spy.log" 2>&1 &
-      spies="$spies $!"
-      # native frames too (pauses the process per sample): where preprocessing's time goes outside Python
-      /tmp/py-spy/bin/py-spy record --pid $(pgrep -f "preprocessing/1/model.py" | head -n 1) --duration 8 \
-        --rate 100 --format raw --native --idle -o "$OUT/profile-preprocessing-native.txt" >> "$OUT/py-spy.log" 2>&1 &
-      spies="$spies $!"
-      sleep 2
-      top -H -b -n 1 -w 250 | head -n 45 > "$OUT/top-threads.txt"
-      wait $load $spies
-      echo "-- after the load" >> "$OUT/cgroup-cpu.txt"
-      cat /sys/fs/cgroup/cpu.stat >> "$OUT/cgroup-cpu.txt" 2>&1
-      grep -c Wrote "$OUT/py-spy.log"
-      head -n 25 "$OUT/top-threads.txt"
-    fi
+    [ -f "$OUT/profile-gil.txt" ] || profile_load ${C_PROFILE:-256}
     stop_server "$OUT/triton-metrics-${variant%%=*}.txt"
   done
 }

@@ -263,9 +263,9 @@ def test_postprocessor(engine_parts):
                            "SEQUENCE_LENGTH": np.array([[1]], np.int32),
                            "DETOK_CONTEXT_IDS": np.array([(prompt + out[:i])[-8:]], np.int32),
                            "IS_FINAL": np.array([[i == len(out) - 1]])})
-        texts.append(result["OUTPUT"][0, 0].decode())
+        texts.append(result["OUTPUT"][0].decode())
     whole = post.run({"TOKENS_BATCH": np.array([[ids]], np.int32), "SEQUENCE_LENGTH": np.array([[len(ids)]], np.int32)})
-    assert whole["OUTPUT"][0, 0].decode().endswith("".join(texts))
+    assert whole["OUTPUT"][0].decode().endswith("".join(texts))
     assert "".join(texts).endswith("é 東京")
 
 

@@ -101,3 +101,34 @@ def test_batched_rows_equal_row_by_row_processing():
         want.append(int(pick_token(process_logits(row.clone(), seq), seq.params, generator)))
     assert Sampler()(logits.clone(), seqs) == want
     assert want[0] != 2 and want[1] == 2 and want[2] == 2
+
+
+TINY_TEMPERATURES = (1e-40, 1e-30, 1.4e-45, float(torch.finfo(torch.float32).tiny) / 2, 1e-6)
+
+
+def test_tiny_temperature_samples_the_argmax_on_every_path():
+    """Tiny temperatures (denormals included) with or without top_k / top_p pick the argmax, never fail on
+    inf/nan probabilities; through the batched greedy path and the per-row path (penalties) alike."""
+    logits = torch.tensor([[0.5, 3.0, 2.9, -1.0, 2.0]]).repeat(3, 1)
+    for temperature in TINY_TEMPERATURES:
+        for extra in ({}, {"top_k": 3}, {"top_p": 0.9}, {"top_k": 2, "top_p": 0.5}):
+            seqs = [make_seq([0], seed=1, temperature=temperature, **extra),
+                    make_seq([0], seed=2, temperature=temperature, repetition_penalty=1.0 + 1e-6, **extra),
+                    make_seq([0], seed=3, temperature=temperature, presence_penalty=0.01, **extra)]
+            assert Sampler()(logits.clone(), seqs) == [1, 1, 1], (temperature, extra)
+
+
+def test_extreme_valid_penalties_keep_probabilities_finite():
+    """Valid but extreme penalties (a tiny repetition penalty divides logits towards inf, huge negative presence /
+    frequency penalties add towards inf) still give a token, and the one they favour."""
+    logits = torch.tensor([[1.0, 2.0, 3.0, -2.0]])
+    cases = [dict(repetition_penalty=1e-40), dict(presence_penalty=-3e38, frequency_penalty=-3e38),
+             dict(repetition_penalty=3e38), dict(presence_penalty=3e38, frequency_penalty=3e38)]
+    for params in cases:
+        for sampling in ({"top_k": 4, "temperature": 1.0}, {"top_p": 0.99, "temperature": 1e-3}, {}):
+            seq = make_seq([0], [0, 0], seed=5, **params, **sampling)
+            token = Sampler()(logits.clone(), [seq])[0]
+            assert 0 <= token < 4, (params, sampling)
+            if params.get("repetition_penalty", 1.0) < 1 or params.get("presence_penalty", 0.0) < 0:
+                assert token == 0, (params, sampling)  # token 0 (seen) is pushed to +inf-like: it must win
+

@@ -297,9 +297,9 @@ class LLMEngine:
             raise RequestError(f"prompt + max_tokens = {total} tokens needs more KV blocks than the whole pool "
                                f"({self.block_manager.num_blocks} blocks of {build.tokens_per_block}); lower "
                                "max_tokens or raise kv_cache_memory_mb")
-        _check_ids("prompt", prompt_ids, vocab)
+        _check_ids("input_ids (the prompt)", prompt_ids, vocab)  # tensorrt_llm's input name: its clients see this
         for word in params.bad_words:
-            _check_ids("bad_words", word, vocab)
+            _check_ids("bad_words_list (bad_words)", word, vocab)
 
     def _generator(self, params: SamplingParams) -> torch.Generator | None:
         """A per-request generator (seeded when params.seed is set) for sampled requests; None when greedy."""

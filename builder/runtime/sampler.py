@@ -52,10 +52,16 @@ def _end_id_masked(seq: Sequence, vocab: int) -> bool:
 def process_logits(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
     """Apply repetition/presence/frequency penalties, bad-word and min_tokens masks to one logits row in place."""
     params = seq.params
+    penalized = False
     if params.repetition_penalty != 1.0:
         apply_repetition_penalty(row, seq.token_ids, params.repetition_penalty)
+        penalized = True
     if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
         apply_presence_frequency(row, seq.output_ids, params.presence_penalty, params.frequency_penalty)
+        penalized = True
+    if penalized:  # extreme (valid) penalties can overflow to +-inf; +inf would make the probabilities NaN
+        limit = torch.finfo(row.dtype).max
+        row.clamp_(-limit, limit)
     for token_id in banned_tokens(seq.token_ids, params.bad_words):
         row[token_id] = float("-inf")
     if _end_id_masked(seq, row.numel()):
@@ -89,10 +95,13 @@ def banned_tokens(token_ids: list[int], bad_words: list[list[int]]) -> list[int]
 
 
 def pick_token(row: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Argmax when greedy; otherwise temperature, top-k then top-p, and a draw from the sequence's generator."""
+    """Argmax when greedy; otherwise temperature, top-k then top-p, and a draw from the sequence's generator.
+
+    The row's maximum is subtracted before dividing by the temperature, so no logit overflows to +inf (the
+    probabilities stay finite for any finite row and temperature >= MIN_TEMPERATURE); still no host sync."""
     if params.greedy:
         return row.argmax()
-    row = row / params.temperature
+    row = (row - row.max()) / params.temperature
     if params.top_k > 0:
         row = keep_top_k(row, params.top_k)
     if 0.0 < params.top_p < 1.0:

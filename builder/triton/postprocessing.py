@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from builder.errors import BuilderError
+from builder.errors import RequestError
 from builder.triton.detokenizer import Detokenizer, load_detokenizer
-from builder.triton.tensors import parameters, parse_bool, read_inputs
+from builder.triton.tensors import error_response, parameters, parse_bool, read_inputs
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -23,47 +23,98 @@ INPUTS = ("TOKENS_BATCH", "SEQUENCE_LENGTH", "DETOK_CONTEXT_IDS", "IS_FINAL")
 
 @dataclass
 class Postprocessor:
-    """Turns tensorrt_llm outputs into text: the whole text, or a streamed chunk's delta."""
+    """Turns tensorrt_llm outputs into text: the whole text, or a streamed chunk's delta.
+
+    vocab_size: the engine's vocabulary (the `vocab_size` parameter; default: the tokenizer's size). Ids in it
+    but beyond the tokenizer (an engine's padded vocabulary) decode to nothing; ids outside it are refused."""
 
     detokenizer: Detokenizer
+    vocab_size: int | None = None
+
+    @property
+    def vocab(self) -> int:
+        """Token ids in [0, vocab) are valid."""
+        return self.vocab_size or len(self.detokenizer.tokenizer)
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """TOKENS_BATCH [B, beams, T] + SEQUENCE_LENGTH [B, beams] (+ context, final flag) -> OUTPUT [B, beams]
-        and OUT_NUM_TOKENS [B, beams] (the ids each text holds: a streamed chunk may carry several)."""
-        tokens = np.asarray(inputs["TOKENS_BATCH"])
-        tokens = tokens[:, None, :] if tokens.ndim == 2 else tokens
-        batch, beams = tokens.shape[0], tokens.shape[1]
-        lengths = np.asarray(inputs["SEQUENCE_LENGTH"]).reshape(batch, beams)
+        """TOKENS_BATCH [B, beams, T] + SEQUENCE_LENGTH [B, beams] (+ context, final flag) -> OUTPUT [B * beams]
+        and OUT_NUM_TOKENS [B * beams] (the ids each text holds: a streamed chunk may carry several), 1-D as
+        TensorRT-LLM's postprocessing returns OUTPUT. RequestError naming the input for a malformed one."""
+        tokens = self._tokens(inputs)
+        batch, beams, width = tokens.shape
+        lengths = self._lengths(inputs, batch, beams, width)
+        self._check_ids("TOKENS_BATCH", tokens[np.arange(width) < lengths[..., None]])
         contexts = self._contexts(inputs, batch)
+        self._check_ids("DETOK_CONTEXT_IDS", np.array([t for row in contexts for t in row], dtype=np.int64))
         finals = self._finals(inputs, batch)
-        texts = np.empty((batch, beams), dtype=object)
+        texts = np.empty(batch * beams, dtype=object)
         for b in range(batch):
             for beam in range(beams):
                 ids = tokens[b, beam, :int(lengths[b, beam])].tolist()
-                texts[b, beam] = self.detokenizer.delta(contexts[b], ids, finals[b]).encode("utf-8")
-        return {"OUTPUT": texts, "OUT_NUM_TOKENS": lengths.astype(np.int32)}
+                texts[b * beams + beam] = self.detokenizer.delta(contexts[b], ids, finals[b]).encode("utf-8")
+        return {"OUTPUT": texts, "OUT_NUM_TOKENS": lengths.reshape(-1).astype(np.int32)}
+
+    @staticmethod
+    def _tokens(inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """TOKENS_BATCH as [B, beams, T] (a [B, T] one is one beam each)."""
+        if "TOKENS_BATCH" not in inputs:
+            raise RequestError("TOKENS_BATCH is missing; send the token ids as [batch, beams, tokens]")
+        tokens = np.asarray(inputs["TOKENS_BATCH"])
+        tokens = tokens[:, None, :] if tokens.ndim == 2 else tokens
+        if tokens.ndim != 3:
+            raise RequestError(f"TOKENS_BATCH has shape {list(tokens.shape)}; send [batch, beams, tokens]")
+        return tokens
+
+    @staticmethod
+    def _lengths(inputs: Mapping[str, np.ndarray], batch: int, beams: int, width: int) -> np.ndarray:
+        """SEQUENCE_LENGTH as [B, beams], each within TOKENS_BATCH's length."""
+        if "SEQUENCE_LENGTH" not in inputs:
+            raise RequestError("SEQUENCE_LENGTH is missing; send the number of valid ids of each beam [batch, beams]")
+        lengths = np.asarray(inputs["SEQUENCE_LENGTH"])
+        if lengths.size != batch * beams:
+            raise RequestError(f"SEQUENCE_LENGTH holds {lengths.size} values for TOKENS_BATCH's {batch} x {beams} "
+                               "sequences; send one length per beam")
+        lengths = lengths.reshape(batch, beams)
+        if ((lengths < 0) | (lengths > width)).any():
+            raise RequestError(f"SEQUENCE_LENGTH {lengths.reshape(-1).tolist()} is outside [0, {width}], the "
+                               "length of TOKENS_BATCH's sequences")
+        return lengths
+
+    def _check_ids(self, name: str, ids: np.ndarray) -> None:
+        """RequestError naming `name` and the valid range when an id is outside [0, vocab)."""
+        bad = ids[(ids < 0) | (ids >= self.vocab)]
+        if bad.size:
+            raise RequestError(f"{name} holds token id {int(bad[0])}, outside the vocabulary [0, {self.vocab}); "
+                               "send ids the model's tokenizer produced")
 
     @staticmethod
     def _contexts(inputs: Mapping[str, np.ndarray], batch: int) -> list[list[int]]:
         """Per batch item, the context ids (negative ids are padding); none when the input is absent."""
         if "DETOK_CONTEXT_IDS" not in inputs:
             return [[] for _ in range(batch)]
-        rows = np.asarray(inputs["DETOK_CONTEXT_IDS"]).reshape(batch, -1)
-        return [[int(t) for t in row if t >= 0] for row in rows]
+        rows = np.asarray(inputs["DETOK_CONTEXT_IDS"])
+        if rows.ndim > 2 or (rows.ndim == 2 and rows.shape[0] != batch):
+            raise RequestError(f"DETOK_CONTEXT_IDS has shape {list(rows.shape)} for a batch of {batch}; send "
+                               "[batch, n]")
+        return [[int(t) for t in row if t >= 0] for row in rows.reshape(batch, -1)]
 
     @staticmethod
     def _finals(inputs: Mapping[str, np.ndarray], batch: int) -> list[bool]:
         """Per batch item, whether it is the last chunk (True when the input is absent: decode everything)."""
         if "IS_FINAL" not in inputs:
             return [True] * batch
-        return [bool(v) for v in np.asarray(inputs["IS_FINAL"]).reshape(batch, -1)[:, 0]]
+        finals = np.asarray(inputs["IS_FINAL"])
+        if finals.size != batch:
+            raise RequestError(f"IS_FINAL holds {finals.size} values for a batch of {batch}; send one per item")
+        return [bool(v) for v in finals.reshape(-1)]
 
 
 def load_postprocessor(model_dir: Path, params: Mapping[str, str]) -> Postprocessor:
-    """The Postprocessor for a model folder from its config parameters."""
+    """The Postprocessor for a model folder from its config parameters (vocab_size: the engine's, optional)."""
     detokenizer = load_detokenizer(model_dir / params.get("tokenizer_dir", "1/tokenizer"),
                                    parse_bool(params.get("skip_special_tokens"), True))
-    return Postprocessor(detokenizer)
+    vocab_size = params.get("vocab_size") or None
+    return Postprocessor(detokenizer, int(vocab_size) if vocab_size else None)
 
 
 def stop_tail(inputs: Mapping[str, np.ndarray]) -> list[int]:
@@ -125,9 +176,8 @@ class TritonPythonModel:
             return self._cancelled(request, inputs)
         try:
             outputs = self.postprocessor.run(inputs)
-        except (BuilderError, ValueError) as exc:
-            return pb_utils.InferenceResponse(
-                output_tensors=[], error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
+        except Exception as exc:  # noqa: BLE001  answered as an error response; never a traceback to the client
+            return error_response(pb_utils, exc, "postprocessing")
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])
 
     def finalize(self) -> None:

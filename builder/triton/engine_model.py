@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import queue
 import threading
 import time
@@ -21,19 +22,24 @@ from typing import Any
 
 from builder.errors import BuilderError, RequestError
 from builder.triton.cancel_watch import CancelWatcher
+from builder.triton.stop_channel import StopListener
 from builder.triton.streamer import ResponseStreamer, Stream
 from builder.triton.tensors import (
-    EngineRequest, engine_response, parameters, parse_bool, parse_engine_request, read_inputs, scalar)
+    ENGINE_INPUTS, EngineRequest, engine_response, parameters, parse_bool, parse_engine_request, read_inputs, scalar)
 
 try:
     import triton_python_backend_utils as pb_utils
 except ImportError:  # outside Triton's python backend
     pb_utils = None
 
-INPUTS = ("input_ids", "input_lengths", "request_output_len", "streaming", "end_id", "pad_id", "beam_width",
-          "runtime_top_k", "runtime_top_p", "temperature", "repetition_penalty", "presence_penalty",
-          "frequency_penalty", "min_tokens", "seed", "stop_words_list", "bad_words_list",
-          "exclude_input_in_output", "stop")
+# TensorRT-LLM inputs declared (with the same names in the ensemble) so that its clients' requests are accepted, with
+# the only value this engine honours; any other value is refused by check_unsupported, never ignored
+# (num_return_sequences and beam_width other than 1: by parse_engine_request).
+DEFAULT_ONLY = {"return_log_probs": False, "return_context_logits": False, "return_generation_logits": False,
+                "return_perf_metrics": False}
+# what parse() reads: parse_engine_request's inputs (decoder_input_ids / decoder_input_lengths included), stop, and
+# the inputs check_unsupported looks at
+INPUTS = (*ENGINE_INPUTS, "stop", "len_penalty", *DEFAULT_ONLY)
 IDLE_WAIT_S = 0.05  # how long the loop sleeps on an empty queue when no request is running
 SHUTDOWN_WAIT_S = 30.0
 METRICS_PERIOD_S = 0.05  # metric pushes are IPC calls: at most this often while busy, at once when idle
@@ -81,8 +87,9 @@ class StopRequest:
     """
 
     triton_id: str
-    sender: Any
+    sender: Any  # None: the stop came from postprocessing over builder.triton.stop_channel (nobody to answer)
     tail: list[int] = field(default_factory=list)
+    client_cancelled: bool = False  # True: the ensemble's client cancelled (from postprocessing), not stop=true
 
     def matches(self, stream: Stream) -> bool:
         """True when stream's request is one this stop is meant for."""
@@ -133,6 +140,26 @@ def contains(sequence: list[int], part: list[int]) -> bool:
     return n == 0 or any(sequence[i:i + n] == part for i in range(len(sequence) - n + 1))
 
 
+def check_unsupported(inputs: dict[str, Any], decoupled: bool) -> None:
+    """RequestError for a request this model accepts by name but cannot honour: streaming on a model that is not
+    decoupled (as TensorRT-LLM's python model refuses it), a non-default value of a DEFAULT_ONLY input, or a
+    len_penalty that is not a finite number (it applies to beam search only, as in TensorRT-LLM; beam_width is 1).
+    The other inputs' values are checked by parse_engine_request."""
+    if scalar(inputs, "streaming", False) and not decoupled:
+        raise RequestError("streaming (ensemble: stream) is true but this repository was built with --decoupled-mode "
+                           "false, whose models send exactly one response per request; send stream=false, or rebuild "
+                           "with --decoupled-mode true and stream over gRPC")
+    for name, default in DEFAULT_ONLY.items():
+        value = scalar(inputs, name, default)
+        if value != default:
+            raise RequestError(f"{name} = {value} is not supported: this engine returns no log probabilities, "
+                               f"logits or perf metrics; send {str(default).lower()} or leave it out")
+    penalty = scalar(inputs, "len_penalty", 1.0)
+    if not math.isfinite(penalty):
+        raise RequestError(f"len_penalty (ensemble: length_penalty) = {penalty} is not a finite number; send one "
+                           "(it applies to beam search only; beam_width is 1 here)")
+
+
 def send_error(sender: Any, message: str, code: int) -> None:
     """Answer a request with an error and close it; a request that is already gone is ignored."""
     try:
@@ -148,10 +175,10 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         """Load the engine named by gpt_model_path and start the engine thread."""
         config = json.loads(args["model_config"])
-        if not pb_utils.using_decoupled_model_transaction_policy(config):
-            raise pb_utils.TritonModelException(
-                "tensorrt_llm must be decoupled (model_transaction_policy { decoupled: true }); rebuild the "
-                "repository with `builder build`")
+        # not decoupled (--decoupled-mode false): still answered from the sender threads, exactly one response per
+        # request (Triton's python backend lets a non-decoupled model send one response, FINAL flag, after execute
+        # returned None); streaming requests are refused (check_unsupported)
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         params = parameters(config)
         self.default_exclude = parse_bool(params.get("exclude_input_in_output"), False)
         self.engine = self.load_engine(Path(args["model_repository"]) / params.get("gpt_model_path", "1/engine"),
@@ -172,6 +199,8 @@ class TritonPythonModel:
             self.streamer, lambda stream: stream.request.request.is_cancelled(),
             lambda stream: self.dropped.put((stream, True)),
             period_s=float(cancel_check_ms if cancel_check_ms not in (None, "") else DEFAULT_CANCEL_CHECK_MS) / 1000)
+        self.stops = StopListener(args["model_name"], lambda triton_id, tail: self.inbox.put(
+            StopRequest(triton_id, None, tail, client_cancelled=True)))
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run_loop, name="builder-engine", daemon=True)
         self.thread.start()
@@ -207,6 +236,7 @@ class TritonPythonModel:
                                    "Triton request id")
             tail = [int(t) for t in inputs["input_ids"].reshape(-1)] if "input_ids" in inputs else []
             return StopRequest(request.request_id(), sender, tail[:scalar(inputs, "input_lengths", len(tail))])
+        check_unsupported(inputs, self.decoupled)
         return NewRequest(request.request_id(), request, sender,
                           parse_engine_request(inputs, self.default_exclude))
 
@@ -241,8 +271,16 @@ class TritonPythonModel:
     def handle(self, item: NewRequest | StopRequest) -> None:
         """Add a new request to the engine, or carry out a stop request."""
         if isinstance(item, StopRequest):
-            self.cancel(item.matches, "stopped by a stop=true request")
-            item.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            if item.client_cancelled:  # a cancellation: the stopped request ends with a CANCELLED error
+                self.cancel(item.matches, "the client cancelled it")
+            else:  # stop=true (TensorRT-LLM's): the stopped request ends normally, with what it generated so far
+                self.finish(item.matches)
+            if item.sender is not None:  # the stop request itself: one empty final response (unary models need one)
+                try:
+                    item.sender.send(pb_utils.InferenceResponse(output_tensors=[]),
+                                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                except Exception:  # noqa: BLE001  its client went away; nothing is left to answer
+                    pass
             return
         request_id = str(next(self.ids))
         try:
@@ -260,6 +298,16 @@ class TritonPythonModel:
                 self.engine.abort(request_id)
                 del self.active[request_id]
                 self.streamer.fail(stream, f"request cancelled: {reason}", pb_utils.TritonError.CANCELLED)
+
+    def finish(self, match: Callable[[Stream], bool]) -> None:
+        """End every active request whose stream matches as if it had finished now: abort it in the engine (frees its
+        KV blocks) and send its final response, carrying what it generated so far (FINAL flag), as TensorRT-LLM
+        answers a request stopped by stop=true (finish reason cancelled, not an error)."""
+        for request_id, stream in list(self.active.items()):
+            if match(stream):
+                self.engine.abort(request_id)
+                del self.active[request_id]
+                self.streamer.post(stream, [], True)
 
     def drop_streams(self) -> None:
         """Abort the requests the watcher found cancelled by their client (closed stream, timeout,
@@ -325,6 +373,7 @@ class TritonPythonModel:
     def finalize(self) -> None:
         """Stop the engine thread (requests still running get an error), then the engine (TP workers too)."""
         self.stopping.set()
+        self.stops.close()
         self.thread.join(timeout=SHUTDOWN_WAIT_S)
         self.watcher.close(timeout=SHUTDOWN_WAIT_S)
         self.streamer.close(timeout=SHUTDOWN_WAIT_S)

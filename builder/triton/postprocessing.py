@@ -11,6 +11,7 @@ import numpy as np
 
 from builder.errors import RequestError
 from builder.triton.detokenizer import Detokenizer, load_detokenizer
+from builder.triton.stop_channel import send_stop
 from builder.triton.tensors import error_response, parameters, parse_bool, read_inputs
 
 try:
@@ -125,26 +126,13 @@ def stop_tail(inputs: Mapping[str, np.ndarray]) -> list[int]:
     return context + [int(t) for t in tokens.reshape(-1)[:length]]
 
 
-def stop_engine_request(model_name: str, request_id: str, tail: list[int]) -> None:
-    """Send TensorRT-LLM's stop=true for request_id to the engine model (BLS) and wait for its answer."""
-    ids = np.array([tail], dtype=np.int32).reshape(1, len(tail))
-    inputs = [pb_utils.Tensor("input_ids", ids),
-              pb_utils.Tensor("input_lengths", np.array([[len(tail)]], dtype=np.int32)),
-              pb_utils.Tensor("request_output_len", np.array([[1]], dtype=np.int32)),
-              pb_utils.Tensor("stop", np.array([[True]], dtype=bool))]
-    request = pb_utils.InferenceRequest(model_name=model_name, inputs=inputs, requested_output_names=[],
-                                        request_id=request_id)
-    for response in request.exec(decoupled=True):
-        if response.has_error():
-            pb_utils.Logger.log_warn(f"stopping request {request_id!r} failed: {response.error().message()}")
-
-
 class TritonPythonModel:
     """Triton python-backend model wrapping Postprocessor.
 
     It also carries client cancellation to the engine: Triton cancels an ensemble's *next* step requests,
-    never the engine request already streaming, so a cancelled chunk arriving here is turned into a stop=true
-    request to tensorrt_llm (same request id, plus the chunk's ids to tell apart clients reusing an id).
+    never the engine request already streaming, so a cancelled chunk arriving here is turned into a stop message
+    to tensorrt_llm (same request id, plus the chunk's ids to tell apart clients reusing an id) on the local
+    socket of builder.triton.stop_channel, not a BLS request (which corrupted tritonserver 2.51's heap).
     Dynamic batching is off in this model's config so that cancelled requests reach execute().
     """
 
@@ -162,10 +150,9 @@ class TritonPythonModel:
     def _cancelled(self, request, inputs: Mapping[str, np.ndarray]):
         """Stop the engine request behind a cancelled chunk; answer the chunk as cancelled."""
         if request.request_id() and self.engine_model:
-            try:
-                stop_engine_request(self.engine_model, request.request_id(), stop_tail(inputs))
-            except Exception as exc:  # noqa: BLE001  best effort: the engine request then runs to its end
-                pb_utils.Logger.log_warn(f"could not stop request {request.request_id()!r}: {exc}")
+            if not send_stop(self.engine_model, request.request_id(), stop_tail(inputs)):
+                pb_utils.Logger.log_verbose(f"no builder engine listens for stops of {self.engine_model!r}; "
+                                            f"request {request.request_id()!r} runs to its end")
         return pb_utils.InferenceResponse(
             output_tensors=[], error=pb_utils.TritonError("request cancelled", pb_utils.TritonError.CANCELLED))
 

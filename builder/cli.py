@@ -56,6 +56,10 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
                    help="instances of the tokenizing preprocessing model (TensorRT-LLM's preprocessing_instance_count)")
     t.add_argument("--max-responses-per-second", type=float, default=2000.0,
                    help="bound on the engine model's streamed responses, all requests together (0: unbounded)")
+    t.add_argument("--decoupled-mode", default="true", choices=("true", "false"),
+                   help="TensorRT-LLM's decoupled_mode: true (default) makes tensorrt_llm and tensorrt_llm_bls decoupled "
+                        "(streaming over gRPC); false makes them, and so the ensemble, unary: one response per request, "
+                        "HTTP /infer works, stream=true is refused")
     e = p.add_argument_group("accuracy (docs/performance.md)")
     e.add_argument("--eval", default="auto", choices=("auto", "on", "off"),
                    help="measure perplexity and KL divergence against the unquantized model (converted to a temp "
@@ -136,7 +140,8 @@ def cmd_build(args: argparse.Namespace) -> int:
                                     calib_size=args.calib_size, calib_seq_len=args.calib_seq_len),
                                 backend=args.backend, serving=ServingOptions(
                                     preprocessing_instances=args.preprocessing_instances,
-                                    max_responses_per_second=args.max_responses_per_second),
+                                    max_responses_per_second=args.max_responses_per_second,
+                                    decoupled_mode=args.decoupled_mode == "true"),
                                 evaluation=EvalOptions(
                                     mode=args.eval, max_ppl_increase=args.max_ppl_increase, eval_data=args.eval_data,
                                     max_tokens=args.eval_tokens)))
@@ -156,7 +161,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run `builder serve` until Ctrl-C."""
+    """Run `builder serve` until Ctrl-C (0); ServerError (non-zero exit) when tritonserver ends by itself."""
     from builder.serve import serve_forever
 
     serve_forever(args.repository, grpc_port=args.grpc_port, http_port=args.http_port,

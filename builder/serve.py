@@ -18,11 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from builder.errors import ServerError
+from builder.triton.stop_channel import send_drain
 
 INSTALL_HINT = "install it with: pip install --no-deps nvidia-pytriton==0.7.0"
 BACKEND_CACHE = Path.home() / ".cache" / "builder" / "backends"
 LOG_TAIL_LINES = 40
 STOP_WAIT_S = 20.0
+DRAIN_WAIT_S = 0.5  # after the drain message, for the engine's error responses to leave
+ENGINE_MODEL = "tensorrt_llm"
+EXIT_TIMEOUT_S = 3  # Triton's --exit-timeout-secs: how long a stopping server waits for requests in flight
 POLL_S = 0.5
 
 
@@ -161,8 +165,36 @@ class TritonServer:
                 f"--grpc-port={self.grpc_port}", f"--http-port={self.http_port}",
                 f"--metrics-port={self.metrics_port}", "--allow-metrics=true",
                 "--disable-auto-complete-config",
-                f"--backend-config=python,shm-region-prefix-name=builder{os.getpid()}_{self.grpc_port}_",
-                *self.extra_args]
+                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+                f"--exit-timeout-secs={EXIT_TIMEOUT_S}", *self.extra_args]
+
+    @property
+    def shm_prefix(self) -> str:
+        """The name prefix of the python backend's shared-memory regions (in /dev/shm) of this server."""
+        return f"builder{os.getpid()}_{self.grpc_port}_"
+
+    def remove_shm(self, shm_dir: Path = Path("/dev/shm")) -> None:
+        """Remove the shared-memory regions a stopped server left behind (stubs killed before their cleanup)."""
+        for region in shm_dir.glob(f"{self.shm_prefix}*"):
+            region.unlink(missing_ok=True)
+
+    def exit_reason(self) -> str:
+        """One line on why the server process ended by itself: the builder watchdog's message, the fatal signal, or
+        the exit code, with the log's path."""
+        code = self.process.returncode if self.process is not None else None
+        lines = Path(self.log_path).read_text(errors="replace").splitlines() if self.log_path else []
+        watchdog = [line for line in lines if "builder watchdog" in line]
+        fatal = [line.strip() for line in lines if line.startswith("Signal (") or "malloc()" in line]
+        if watchdog:
+            model = watchdog[-1].split("stub died: ", 1)[-1].split(":", 1)[0]
+            why = f"the python backend stub of model {model} died"
+        elif fatal:
+            why = f"it crashed ({fatal[0]})"
+        elif code is not None and code < 0:
+            why = f"it was killed by signal {-code}"
+        else:
+            why = f"it exited with code {code}"
+        return f"tritonserver stopped by itself: {why}; log: {self.log_path}"
 
     def start(self) -> "TritonServer":
         """Launch tritonserver in its own process group, output going to log_path (a temp file by default)."""
@@ -224,8 +256,13 @@ class TritonServer:
     def stop(self, timeout: float = STOP_WAIT_S) -> None:
         """SIGINT (graceful: models finalize), then SIGKILL to the process group if it does not exit in time."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
+        if process.poll() is not None:
+            self.remove_shm()
+            return
+        if send_drain(ENGINE_MODEL, process.pid):  # end running streams first: Triton then finds none in flight
+            time.sleep(DRAIN_WAIT_S)
         process.send_signal(signal.SIGINT)
         try:
             process.wait(timeout=timeout)
@@ -235,6 +272,7 @@ class TritonServer:
             except ProcessLookupError:
                 pass
             process.wait(timeout=10)
+        self.remove_shm()
 
     def __enter__(self) -> "TritonServer":
         """start() and wait_ready()."""
@@ -257,8 +295,9 @@ def _interrupt(signum: int, frame) -> None:
 
 
 def serve_forever(repo: Path, grpc_port: int = 8001, http_port: int = 8000, metrics_port: int = 8002,
-                  log_path: Path | None = None, ready_timeout: float = 300.0) -> int:
-    """Run tritonserver on repo until it exits or Ctrl-C; print the endpoints once ready. Returns its exit code."""
+                  log_path: Path | None = None, ready_timeout: float = 300.0) -> None:
+    """Run tritonserver on repo until Ctrl-C / SIGTERM (returns) or until it ends by itself (ServerError with the
+    reason in one line: a crash, or a stub that died, builder.triton.watchdog); print the endpoints once ready."""
     server = TritonServer(Path(repo), grpc_port, http_port, metrics_port, log_path)
     # Ctrl-C and SIGTERM stop the server even when this process inherited SIGINT as ignored (a parent that ignores
     # it, e.g. a test runner or a background job, passes SIG_IGN on through exec)
@@ -270,9 +309,9 @@ def serve_forever(repo: Path, grpc_port: int = 8001, http_port: int = 8000, metr
         print(f"builder: ready: Triton is serving {repo}\n  gRPC    {server.grpc_url}  (streaming: model \"ensemble\")\n"
               f"  HTTP    {server.http_url}\n  metrics {server.metrics_url}\n  log     {server.log_path}\n"
               "Press Ctrl-C to stop.", flush=True)
-        return server.process.wait() if server.process is not None else 0
+        server.process.wait()
+        raise ServerError(server.exit_reason())
     except KeyboardInterrupt:
         print("\nstopping tritonserver ...", flush=True)
-        return 0
     finally:
         server.stop()

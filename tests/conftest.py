@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,11 @@ class RunningServer:
     grpc_url: str
     metrics_port: int
     max_seq_len: int
+    server: Any = None  # the builder.serve.TritonServer
+
+    def alive_and_ready(self) -> bool:
+        """True while the tritonserver process runs and answers ready."""
+        return self.server.process is not None and self.server.process.poll() is None and self.server.is_ready()
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +69,8 @@ def server_factory(tmp_path_factory, tiny_checkpoints):
         server.start()
         handles.append(server)
         server.wait_ready(timeout=300)
-        started[arch] = RunningServer(repo, tiny_checkpoints[arch], f"127.0.0.1:{grpc_port}", metrics_port, 256)
+        started[arch] = RunningServer(repo, tiny_checkpoints[arch], f"127.0.0.1:{grpc_port}", metrics_port, 256,
+                                       server)
         return started[arch]
 
     yield start

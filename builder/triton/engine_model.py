@@ -26,6 +26,7 @@ from builder.triton.stop_channel import StopListener
 from builder.triton.streamer import ResponseStreamer, Stream
 from builder.triton.tensors import (
     ENGINE_INPUTS, EngineRequest, engine_response, parameters, parse_bool, parse_engine_request, read_inputs, scalar)
+from builder.triton.watchdog import StubWatchdog
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -43,6 +44,7 @@ INPUTS = (*ENGINE_INPUTS, "stop", "len_penalty", *DEFAULT_ONLY)
 IDLE_WAIT_S = 0.05  # how long the loop sleeps on an empty queue when no request is running
 SHUTDOWN_WAIT_S = 30.0
 METRICS_PERIOD_S = 0.05  # metric pushes are IPC calls: at most this often while busy, at once when idle
+SHUTTING_DOWN = "the server is shutting down; retry on another server"
 DEFAULT_CANCEL_CHECK_MS = 100.0  # TensorRT-LLM's cancellation_check_period_ms default
 DEFAULT_SENDER_THREADS = 2
 DEFAULT_MAX_RESPONSES_PER_S = 2000.0  # streamed responses, all requests together (0: unbounded)
@@ -95,6 +97,11 @@ class StopRequest:
         """True when stream's request is one this stop is meant for."""
         act: ActiveRequest = stream.request
         return act.triton_id == self.triton_id and contains(act.parsed.prompt + stream.generated, self.tail)
+
+
+@dataclass(frozen=True)
+class Drain:
+    """The server is being stopped (builder serve, over builder.triton.stop_channel): end every request now."""
 
 
 @dataclass(frozen=True)
@@ -199,8 +206,10 @@ class TritonPythonModel:
             self.streamer, lambda stream: stream.request.request.is_cancelled(),
             lambda stream: self.dropped.put((stream, True)),
             period_s=float(cancel_check_ms if cancel_check_ms not in (None, "") else DEFAULT_CANCEL_CHECK_MS) / 1000)
+        self.watchdog = StubWatchdog(args["model_name"], pb_utils.Logger.log_error)
+        self.draining = False  # builder serve is stopping the server: every request is answered UNAVAILABLE
         self.stops = StopListener(args["model_name"], lambda triton_id, tail: self.inbox.put(
-            StopRequest(triton_id, None, tail, client_cancelled=True)))
+            StopRequest(triton_id, None, tail, client_cancelled=True)), lambda: self.inbox.put(Drain()))
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run_loop, name="builder-engine", daemon=True)
         self.thread.start()
@@ -253,7 +262,7 @@ class TritonPythonModel:
                 pb_utils.Logger.log_error(f"tensorrt_llm engine step failed: {exc!r}")
                 self.fail_all(f"the engine failed ({exc}); the request was dropped, retry it",
                               pb_utils.TritonError.INTERNAL)
-        self.fail_all("the server is shutting down; retry on another server", pb_utils.TritonError.UNAVAILABLE)
+        self.fail_all(SHUTTING_DOWN, pb_utils.TritonError.UNAVAILABLE)
 
     def admit(self, wait: bool) -> None:
         """Move queued requests into the engine (waiting briefly for one when idle)."""
@@ -268,8 +277,8 @@ class TritonPythonModel:
             except queue.Empty:
                 return
 
-    def handle(self, item: NewRequest | StopRequest) -> None:
-        """Add a new request to the engine, or carry out a stop request."""
+    def handle(self, item: NewRequest | StopRequest | Drain) -> None:
+        """Add a new request to the engine, carry out a stop request, or drain (the server is stopping)."""
         if isinstance(item, StopRequest):
             if item.client_cancelled:  # a cancellation: the stopped request ends with a CANCELLED error
                 self.cancel(item.matches, "the client cancelled it")
@@ -281,6 +290,13 @@ class TritonPythonModel:
                                      flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 except Exception:  # noqa: BLE001  its client went away; nothing is left to answer
                     pass
+            return
+        if isinstance(item, Drain):
+            self.draining = True
+            self.fail_all(SHUTTING_DOWN, pb_utils.TritonError.UNAVAILABLE)
+            return
+        if self.draining:
+            send_error(item.sender, SHUTTING_DOWN, pb_utils.TritonError.UNAVAILABLE)
             return
         request_id = str(next(self.ids))
         try:
@@ -373,6 +389,7 @@ class TritonPythonModel:
     def finalize(self) -> None:
         """Stop the engine thread (requests still running get an error), then the engine (TP workers too)."""
         self.stopping.set()
+        self.watchdog.close()
         self.stops.close()
         self.thread.join(timeout=SHUTDOWN_WAIT_S)
         self.watcher.close(timeout=SHUTDOWN_WAIT_S)

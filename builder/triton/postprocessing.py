@@ -13,6 +13,7 @@ from builder.errors import RequestError
 from builder.triton.detokenizer import Detokenizer, load_detokenizer
 from builder.triton.stop_channel import send_stop
 from builder.triton.tensors import error_response, parameters, parse_bool, read_inputs
+from builder.triton.watchdog import StubWatchdog
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -139,6 +140,7 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         """Load the tokenizer from the model folder (local files only)."""
         config = json.loads(args["model_config"])
+        self.watchdog = StubWatchdog(args["model_name"], pb_utils.Logger.log_error)
         params = parameters(config)
         self.postprocessor = load_postprocessor(Path(args["model_repository"]), params)
         self.engine_model = params.get("tensorrt_llm_model_name", "tensorrt_llm")
@@ -168,4 +170,5 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])
 
     def finalize(self) -> None:
-        """Nothing to release."""
+        """Stop the stub watchdog."""
+        self.watchdog.close()

@@ -21,6 +21,7 @@ from builder.errors import RequestError
 from builder.triton.detokenizer import load_tokenizer
 from builder.triton.tensors import (
     batch_word_lists, decode_strings, error_response, parameters, parse_bool, read_inputs)
+from builder.triton.watchdog import StubWatchdog
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -269,6 +270,7 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         """Load the tokenizer from the model folder (local files only)."""
         config = json.loads(args["model_config"])
+        self.watchdog = StubWatchdog(args["model_name"], pb_utils.Logger.log_error)
         self.preprocessor = load_preprocessor(Path(args["model_repository"]), parameters(config))
         if self.preprocessor.max_text_bytes is None:
             pb_utils.Logger.log_warn(
@@ -288,4 +290,5 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])
 
     def finalize(self) -> None:
-        """Nothing to release."""
+        """Stop the stub watchdog."""
+        self.watchdog.close()

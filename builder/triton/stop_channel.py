@@ -9,6 +9,10 @@ cancellations, while the same load with the BLS call left out, or sent straight 
 the tritonserver process (both python-backend stubs are its children) and the engine model's name, in a folder
 only this user can enter. Sending never blocks and never fails a request: with no listener (another engine
 backend, or the engine gone) the message is dropped and the engine request runs to its end as before.
+`builder serve` sends a second kind of message on the same socket before it stops the server: drain, which ends
+every running request with an UNAVAILABLE error at once, so that Triton's shutdown finds nothing in flight (with
+streams still running when its exit timeout expires, tritonserver 2.51 exits while the engine is still sending and
+its heap is corrupted on the way out).
 """
 
 from __future__ import annotations
@@ -39,8 +43,11 @@ def encode(request_id: str, tail: list[int]) -> bytes:
     return json.dumps({"id": request_id, "tail": [int(t) for t in tail[-MAX_TAIL:]]}).encode()
 
 
+DRAIN = b'{"drain": true}'
+
+
 def decode(data: bytes) -> tuple[str, list[int]] | None:
-    """(request id, tail) of a message; None for anything malformed."""
+    """(request id, tail) of a stop message; None for anything malformed (and for DRAIN)."""
     try:
         message = json.loads(data)
         request_id, tail = message["id"], message["tail"]
@@ -51,22 +58,32 @@ def decode(data: bytes) -> tuple[str, list[int]] | None:
     return None
 
 
-def send_stop(model_name: str, request_id: str, tail: list[int]) -> bool:
-    """Ask engine model `model_name` to stop request_id (False: nobody listens; nothing else happens)."""
-    path = socket_path(model_name)
+def send(path: Path, message: bytes) -> bool:
+    """Send one datagram without blocking (False: nobody listens, or its queue is full)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.setblocking(False)
         try:
-            sock.sendto(encode(request_id, tail), str(path))
-        except OSError:  # no listener, or its queue is full: the engine request runs to its end
+            sock.sendto(message, str(path))
+        except OSError:
             return False
     return True
+
+
+def send_stop(model_name: str, request_id: str, tail: list[int]) -> bool:
+    """Ask engine model `model_name` to stop request_id (False: nobody listens; the request runs to its end)."""
+    return send(socket_path(model_name), encode(request_id, tail))
+
+
+def send_drain(model_name: str, server_pid: int) -> bool:
+    """Ask engine model `model_name` of the tritonserver server_pid to end every running request now."""
+    return send(socket_path(model_name, server_pid), DRAIN)
 
 
 class StopListener:
     """The engine model's end: a thread that hands each (request id, tail) received to on_stop."""
 
-    def __init__(self, model_name: str, on_stop: Callable[[str, list[int]], None]) -> None:
+    def __init__(self, model_name: str, on_stop: Callable[[str, list[int]], None],
+                 on_drain: Callable[[], None]) -> None:
         """Bind the socket (replacing a stale one of a dead server with the same pid) and start listening."""
         self.path = socket_path(model_name)
         self.path.parent.mkdir(mode=0o700, exist_ok=True)
@@ -76,6 +93,7 @@ class StopListener:
         self.sock.bind(str(self.path))
         self.sock.settimeout(POLL_S)
         self.on_stop = on_stop
+        self.on_drain = on_drain
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="builder-stop-listener", daemon=True)
         self.thread.start()
@@ -89,6 +107,9 @@ class StopListener:
                 continue
             except OSError:
                 return
+            if data == DRAIN:
+                self.on_drain()
+                continue
             message = decode(data)
             if message is not None:
                 self.on_stop(*message)

@@ -27,8 +27,13 @@ ENGINE_INPUTS = {
     "frequency_penalty": ("TYPE_FP32", [1], OPT, R), "min_tokens": ("TYPE_INT32", [1], OPT, R),
     "seed": ("TYPE_UINT64", [1], OPT, R), "stop_words_list": ("TYPE_INT32", [2, -1], OPT, NR),
     "bad_words_list": ("TYPE_INT32", [2, -1], OPT, NR), "exclude_input_in_output": ("TYPE_BOOL", [1], OPT, R),
-    "stop": ("TYPE_BOOL", [1], OPT, R),
+    "stop": ("TYPE_BOOL", [1], OPT, R), "decoder_input_ids": ("TYPE_INT32", [-1], OPT, NR),
+    "decoder_input_lengths": ("TYPE_INT32", [1], OPT, R), "len_penalty": ("TYPE_FP32", [1], OPT, R),
+    "num_return_sequences": ("TYPE_INT32", [1], OPT, R), "return_log_probs": ("TYPE_BOOL", [1], OPT, R),
+    "return_context_logits": ("TYPE_BOOL", [1], OPT, R), "return_generation_logits": ("TYPE_BOOL", [1], OPT, R),
+    "return_perf_metrics": ("TYPE_BOOL", [1], OPT, R),
 }
+RAGGED = {"input_ids", "decoder_input_ids", "stop_words_list", "bad_words_list"}  # allow_ragged_batch
 ENGINE_OUTPUTS = {"output_ids": ("TYPE_INT32", [-1, -1]), "sequence_length": ("TYPE_INT32", [-1]),
                   "detok_context_ids": ("TYPE_INT32", [-1]), "is_final": ("TYPE_BOOL", [1])}
 ENSEMBLE_INPUTS = {
@@ -40,7 +45,32 @@ ENSEMBLE_INPUTS = {
     "presence_penalty": ("TYPE_FP32", [1], OPT), "frequency_penalty": ("TYPE_FP32", [1], OPT),
     "min_tokens": ("TYPE_INT32", [1], OPT), "seed": ("TYPE_UINT64", [1], OPT),
     "beam_width": ("TYPE_INT32", [1], OPT), "stream": ("TYPE_BOOL", [1], OPT),
+    "decoder_text_input": ("TYPE_STRING", [1], OPT), "num_return_sequences": ("TYPE_INT32", [1], OPT),
+    "length_penalty": ("TYPE_FP32", [1], OPT), "return_log_probs": ("TYPE_BOOL", [1], OPT),
+    "return_context_logits": ("TYPE_BOOL", [1], OPT), "return_generation_logits": ("TYPE_BOOL", [1], OPT),
+    "return_perf_metrics": ("TYPE_BOOL", [1], OPT),
 }
+# upstream's tensorrt_llm_bls reshapes these to scalars (the rest as the ensemble)
+BLS_RESHAPED = {"num_return_sequences", "return_log_probs", "return_context_logits", "return_generation_logits",
+                "return_perf_metrics"}
+# name: (dtype, dims, optional) - TensorRT-LLM's preprocessing (text-only subset); QUERY / REQUEST_OUTPUT_LEN optional
+# for Triton, required by its code (docs/decisions.md)
+PREPROCESSING_INPUTS = {
+    "QUERY": ("TYPE_STRING", [1], OPT), "DECODER_QUERY": ("TYPE_STRING", [1], OPT),
+    "REQUEST_OUTPUT_LEN": ("TYPE_INT32", [1], OPT), "BAD_WORDS_DICT": ("TYPE_STRING", [-1], OPT),
+    "STOP_WORDS_DICT": ("TYPE_STRING", [-1], OPT), "END_ID": ("TYPE_INT32", [1], OPT),
+    "PAD_ID": ("TYPE_INT32", [1], OPT),
+}
+PREPROCESSING_OUTPUTS = {
+    "INPUT_ID": ("TYPE_INT32", [-1]), "REQUEST_INPUT_LEN": ("TYPE_INT32", [1]),
+    "DECODER_INPUT_ID": ("TYPE_INT32", [-1]), "REQUEST_DECODER_INPUT_LEN": ("TYPE_INT32", [1]),
+    "BAD_WORDS_IDS": ("TYPE_INT32", [2, -1]), "STOP_WORDS_IDS": ("TYPE_INT32", [2, -1]),
+    "REQUEST_OUTPUT_LEN": ("TYPE_INT32", [-1]), "OUT_END_ID": ("TYPE_INT32", [1]), "OUT_PAD_ID": ("TYPE_INT32", [1]),
+}
+POSTPROCESSING_INPUTS = {"TOKENS_BATCH": ("TYPE_INT32", [-1, -1], REQ), "SEQUENCE_LENGTH": ("TYPE_INT32", [-1], REQ),
+                         "DETOK_CONTEXT_IDS": ("TYPE_INT32", [-1], OPT), "IS_FINAL": ("TYPE_BOOL", [1], OPT)}
+POSTPROCESSING_OUTPUTS = {"OUTPUT": ("TYPE_STRING", [-1]), "OUT_NUM_TOKENS": ("TYPE_INT32", [-1])}
+MODELS = ["ensemble", "postprocessing", "preprocessing", "tensorrt_llm", "tensorrt_llm_bls"]
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +112,8 @@ def _edit(path: Path, old: str, new: str) -> None:
 def test_render_and_validate(repo, engine_parts):
     """The rendered repository validates and has the contract's layout, parameters and files."""
     validate_repository(repo)
-    assert sorted(p.name for p in repo.iterdir()) == ["ensemble", "postprocessing", "preprocessing", "tensorrt_llm"]
-    configs = {name: parse_config(repo / name / "config.pbtxt") for name in
-               ("ensemble", "preprocessing", "tensorrt_llm", "postprocessing")}
+    assert sorted(p.name for p in repo.iterdir()) == MODELS
+    configs = {name: parse_config(repo / name / "config.pbtxt") for name in MODELS}
     assert configs["ensemble"].platform == "ensemble"
     assert all(c.max_batch_size == SETTINGS["max_batch_size"] for c in configs.values())
     engine = configs["tensorrt_llm"]
@@ -97,6 +126,13 @@ def test_render_and_validate(repo, engine_parts):
     assert params["max_responses_per_second"] == "2000" and params["response_sender_threads"] == "2"
     assert configs["preprocessing"].parameters["tokenizer_dir"].string_value == "1/tokenizer"
     assert configs["postprocessing"].parameters["skip_special_tokens"].string_value == "true"
+    assert configs["preprocessing"].parameters["max_input_len"].string_value == str(SETTINGS["max_input_len"])
+    assert int(configs["postprocessing"].parameters["vocab_size"].string_value) == engine_parts[0].model.vocab_size
+    bls = configs["tensorrt_llm_bls"]
+    assert bls.backend == "python" and bls.model_transaction_policy.decoupled
+    assert {k: v.string_value for k, v in bls.parameters.items()} == {
+        "accumulate_tokens": "false", "tensorrt_llm_model_name": "tensorrt_llm", "pipeline": "1/pipeline.json"}
+    assert (repo / "tensorrt_llm_bls" / "1" / "model.py").is_file()
     for name in ("config.json", "build_config.json", "rank0.safetensors"):
         assert (repo / "tensorrt_llm" / "1" / "engine" / name).is_file()
     for model in ("preprocessing", "postprocessing"):
@@ -115,6 +151,7 @@ def test_tensor_contract(repo):
            for t in engine.input}
     assert got == {k: (d, dims, o, r) for k, (d, dims, o, r) in ENGINE_INPUTS.items()}
     assert all(list(t.reshape.shape) == [] for t in engine.input if t.HasField("reshape"))
+    assert {t.name for t in engine.input if t.allow_ragged_batch} == RAGGED
     assert {t.name: (pb.DataType.Name(t.data_type), list(t.dims)) for t in engine.output} == ENGINE_OUTPUTS
     ensemble = parse_config(repo / "ensemble" / "config.pbtxt")
     assert {t.name: (pb.DataType.Name(t.data_type), list(t.dims), t.optional) for t in ensemble.input} == \
@@ -124,6 +161,24 @@ def test_tensor_contract(repo):
     steps = {s.model_name: s for s in ensemble.ensemble_scheduling.step}
     assert steps["tensorrt_llm"].input_map["streaming"] == "stream"
     assert steps["tensorrt_llm"].input_map["runtime_top_k"] == "top_k"
+    assert steps["tensorrt_llm"].input_map["len_penalty"] == "length_penalty"
+    assert steps["preprocessing"].input_map["DECODER_QUERY"] == "decoder_text_input"
+    assert steps["tensorrt_llm"].input_map["decoder_input_ids"] == steps["preprocessing"].output_map["DECODER_INPUT_ID"]
+    assert steps["tensorrt_llm"].input_map["decoder_input_lengths"] == \
+        steps["preprocessing"].output_map["REQUEST_DECODER_INPUT_LEN"]
+    pre = parse_config(repo / "preprocessing" / "config.pbtxt")
+    assert {t.name: (pb.DataType.Name(t.data_type), list(t.dims), t.optional) for t in pre.input} == \
+        PREPROCESSING_INPUTS
+    assert {t.name: (pb.DataType.Name(t.data_type), list(t.dims)) for t in pre.output} == PREPROCESSING_OUTPUTS
+    post = parse_config(repo / "postprocessing" / "config.pbtxt")
+    assert {t.name: (pb.DataType.Name(t.data_type), list(t.dims), t.optional) for t in post.input} == \
+        POSTPROCESSING_INPUTS
+    assert {t.name: (pb.DataType.Name(t.data_type), list(t.dims)) for t in post.output} == POSTPROCESSING_OUTPUTS
+    bls = parse_config(repo / "tensorrt_llm_bls" / "config.pbtxt")
+    assert {t.name: (pb.DataType.Name(t.data_type), list(t.dims), t.optional, t.HasField("reshape"))
+            for t in bls.input} == {k: (d, dims, o, k in BLS_RESHAPED) for k, (d, dims, o) in ENSEMBLE_INPUTS.items()}
+    assert [(t.name, pb.DataType.Name(t.data_type), list(t.dims)) for t in bls.output] == \
+        [(t.name, pb.DataType.Name(t.data_type), list(t.dims)) for t in ensemble.output]
     assert steps["postprocessing"].input_map["DETOK_CONTEXT_IDS"] == steps["tensorrt_llm"].output_map[
         "detok_context_ids"]
 
@@ -164,16 +219,93 @@ def test_mismatched_ensemble_dtype_is_caught(repo):
 def test_wiring_problems_are_caught(repo):
     """Unknown step model or tensor, unused ensemble input and unproduced tensors are reported."""
     path = repo / "ensemble" / "config.pbtxt"
-    _edit(path, 'input_map { key: "QUERY" value: "text_input" }', 'input_map { key: "QUERIES" value: "text_input" }')
+    _edit(path, 'input_map { key: "input_lengths" value: "_REQUEST_INPUT_LEN" }',
+          'input_map { key: "input_length" value: "_REQUEST_INPUT_LEN" }')
     _edit(path, 'input_map { key: "seed" value: "seed" }', "")
     _edit(path, 'output_map { key: "is_final" value: "_IS_FINAL" }', "")
     problems = _problems(repo)
-    assert "'QUERIES' is not an input of preprocessing" in problems
-    assert "required input 'QUERY' is not mapped" in problems
+    assert "'input_length' is not an input of tensorrt_llm" in problems
+    assert "required input 'input_lengths' is not mapped" in problems
     assert "input 'seed' is not used by any step" in problems
     assert "reads '_IS_FINAL', which no ensemble input or step produces" in problems
     _edit(path, 'model_name: "postprocessing"', 'model_name: "detokenize"')
     assert "no model folder 'detokenize'" in _problems(repo)
+
+
+def test_unary_repository(engine_parts, tmp_path):
+    """--decoupled-mode false: tensorrt_llm and the BLS are not decoupled (so the ensemble is unary); it validates."""
+    config, engine, tokenizer = engine_parts
+    repo = render_repository(tmp_path / "unary", config, engine, tokenizer, ServingOptions(decoupled_mode=False),
+                             copy_engine=True)
+    validate_repository(repo)
+    for name in ("tensorrt_llm", "tensorrt_llm_bls"):
+        assert not parse_config(repo / name / "config.pbtxt").model_transaction_policy.decoupled
+    assert not any(parse_config(repo / name / "config.pbtxt").model_transaction_policy.decoupled for name in MODELS)
+
+
+def test_bls_runs_the_ensembles_wiring(repo):
+    """tensorrt_llm_bls/1/pipeline.json holds the ensemble's steps (same models, same maps), the engine marked."""
+    import json
+
+    data = json.loads((repo / "tensorrt_llm_bls" / "1" / "pipeline.json").read_text())
+    ensemble = parse_config(repo / "ensemble" / "config.pbtxt")
+    assert [(s["model"], s["inputs"], s["outputs"]) for s in data["steps"]] == [
+        (s.model_name, dict(s.input_map), dict(s.output_map)) for s in ensemble.ensemble_scheduling.step]
+    assert [s["model"] for s in data["steps"] if s["engine"]] == ["tensorrt_llm"]
+    assert [t["name"] for t in data["inputs"]] == [t.name for t in ensemble.input]
+
+
+def test_bls_problems_are_caught(repo):
+    """A BLS whose pipeline does not parse, reads an input it does not declare, calls a missing engine model, has a
+    bad accumulate_tokens, or is decoupled unlike its engine model is reported."""
+    path = repo / "tensorrt_llm_bls" / "1" / "pipeline.json"
+    good = path.read_text()
+    path.write_text("{not json")
+    assert "pipeline 1/pipeline.json cannot be read as JSON" in _problems(repo)
+    path.write_text(good.replace('"QUERY": "text_input"', '"QUERY": "prompt"'))
+    config = repo / "tensorrt_llm_bls" / "config.pbtxt"
+    _edit(config, 'string_value: "false"', 'string_value: "maybe"')
+    _edit(config, "decoupled: true", "decoupled: false")
+    problems = _problems(repo)
+    assert "tensorrt_llm_bls step 0 (preprocessing): input 'QUERY' reads 'prompt', which no ensemble input or step " \
+           "produces" in problems
+    assert "input 'text_input' is not used by any step" in problems
+    assert "accumulate_tokens = 'maybe' is not a boolean" in problems
+    assert "tensorrt_llm_bls: decoupled is false but its engine model tensorrt_llm has true" in problems
+    path.write_text(good)
+    _edit(config, 'string_value: "tensorrt_llm"', 'string_value: "no_engine"')
+    assert "no model folder 'no_engine'" in _problems(repo)
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_mixed_decoupled_sources_are_caught(engine_parts, tmp_path, decoupled):
+    """A step fed both by a decoupled model and by tensors from outside it (here postprocessing's IS_FINAL from the
+    ensemble input `stream`) is refused by Triton, so validation reports it; with no decoupled model it is fine."""
+    config, engine, tokenizer = engine_parts
+    repo = render_repository(tmp_path / "r", config, engine, tokenizer, ServingOptions(decoupled_mode=decoupled),
+                             copy_engine=True)
+    _edit(repo / "ensemble" / "config.pbtxt", 'input_map { key: "IS_FINAL" value: "_IS_FINAL" }',
+          'input_map { key: "IS_FINAL" value: "stream" }')
+    _edit(repo / "ensemble" / "config.pbtxt", 'output_map { key: "is_final" value: "_IS_FINAL" }', "")
+    problems = find_problems(repo)
+    mixed = [p for p in problems if "different decoupled sources" in p]
+    if decoupled:
+        assert mixed == ["ensemble step 2 (postprocessing): its inputs come from different decoupled sources "
+                         "(outside any decoupled model, tensorrt_llm); Triton refuses such an ensemble, so feed this "
+                         "step only from one decoupled model's outputs"]
+    else:
+        assert mixed == []
+
+
+def test_pipeline_must_mark_its_engine(tmp_path):
+    """A pipeline yaml without exactly one `engine: true` step is refused before anything is rendered."""
+    from builder.repo.render import ENSEMBLES_DIR, load_pipeline
+
+    text = (ENSEMBLES_DIR / "llm.yaml").read_text()
+    assert "    engine: true\n" in text
+    (tmp_path / "bad.yaml").write_text(text.replace("    engine: true\n", ""))
+    with pytest.raises(ConfigError, match="exactly one step `engine: true`"):
+        load_pipeline("bad", tmp_path)
 
 
 def test_render_refuses_bad_input(engine_parts, tmp_path):

@@ -38,6 +38,11 @@ HF_ALGOS = {"none": None, "int8_wo": "W8A16", "int4_wo": "W4A16_AWQ", "int4_awq"
 # (mode, kv cache dtype) per target: every weight mode, plus the KV-cache modes each target supports.
 CPP_CASES = [(m, "auto") for m in MODES] + [("fp8", "fp8"), ("int8_wo", "int8")]
 PT_CASES = [(m, "auto") for m in MODES] + [("fp8", "fp8"), ("none", "fp8")]
+# TensorRT-LLM's ensemble outputs beyond text_output: wired only when the engine model has them (the C++ backend)
+UPSTREAM_OUTPUTS = {"cum_log_probs", "output_log_probs", "context_logits", "generation_logits", "batch_index",
+                    "sequence_index", "kv_cache_alloc_new_blocks", "kv_cache_reused_blocks",
+                    "kv_cache_alloc_total_blocks", "arrival_time_ns", "first_scheduled_time_ns", "first_token_time_ns",
+                    "last_token_time_ns", "acceptance_rate", "total_accepted_draft_tokens", "total_draft_tokens"}
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
 
@@ -111,8 +116,13 @@ def test_tensorrtllm_target(built, tp, mode, kv):
     outputs = {t.name for t in engine.output}
     assert {"output_ids", "sequence_length"} <= outputs and not {"detok_context_ids", "is_final"} & outputs
     steps = {s.model_name: s for s in configs["ensemble"].ensemble_scheduling.step}
-    assert set(steps["tensorrt_llm"].output_map) == {"output_ids", "sequence_length"}
+    assert set(steps["tensorrt_llm"].output_map) == {"output_ids", "sequence_length"} | UPSTREAM_OUTPUTS
     assert set(steps["postprocessing"].input_map) == {"TOKENS_BATCH", "SEQUENCE_LENGTH"}
+    # ... and the ensemble passes the C++ backend's log probs, logits, indices and metrics on, as upstream's does
+    ensemble_outputs = {t.name: t.data_type for t in configs["ensemble"].output}
+    assert set(ensemble_outputs) == {"text_output", "num_output_tokens"} | UPSTREAM_OUTPUTS
+    assert all(ensemble_outputs[t.name] == t.data_type for t in engine.output if t.name in UPSTREAM_OUTPUTS)
+    assert {"decoder_input_ids", "decoder_input_lengths"} <= {t.name for t in engine.input}
 
     checkpoint = out / "tensorrt_llm" / "1" / "checkpoint"
     data = json.loads((checkpoint / "config.json").read_text())
@@ -151,7 +161,7 @@ def test_tensorrtllm_target(built, tp, mode, kv):
 
 def test_tensorrtllm_shares_the_portable_models(built, reference_dir, tmp_path):
     """preprocessing and postprocessing are byte for byte the portable ones; the ensemble differs only in the two
-    mappings of builder-only tensors."""
+    mappings of builder-only tensors and in the C++ backend's extra outputs (declared and mapped)."""
     portable = tmp_path / "portable"
     build(BuildOptions(output=portable, model=str(reference_dir), settings=BuildSettings(**SETTINGS)))
     cpp = built("tensorrtllm", 1)
@@ -159,14 +169,31 @@ def test_tensorrtllm_shares_the_portable_models(built, reference_dir, tmp_path):
         for path in (portable / model).rglob("*"):
             if path.is_file():
                 assert path.read_bytes() == (cpp / model / path.relative_to(portable / model)).read_bytes(), path
-    old = (portable / "ensemble" / "config.pbtxt").read_text().splitlines()
-    new = (cpp / "ensemble" / "config.pbtxt").read_text().splitlines()
+    old = [line.rstrip(",") for line in (portable / "ensemble" / "config.pbtxt").read_text().splitlines()]
+    new = [line.rstrip(",") for line in (cpp / "ensemble" / "config.pbtxt").read_text().splitlines()]
     assert [line for line in old if line not in new] == [
         '      output_map { key: "detok_context_ids" value: "_DETOK_CONTEXT_IDS" }',
         '      output_map { key: "is_final" value: "_IS_FINAL" }',
         '      input_map { key: "DETOK_CONTEXT_IDS" value: "_DETOK_CONTEXT_IDS" }',
         '      input_map { key: "IS_FINAL" value: "_IS_FINAL" }']
-    assert [line for line in new if line not in old] == []
+    added = [line for line in new if line not in old]  # the C++ backend's extra outputs, declared and wired
+    assert len(added) == 2 * len(UPSTREAM_OUTPUTS)
+    assert {line.split('"')[1] for line in added} == UPSTREAM_OUTPUTS
+
+
+def test_decoupled_mode_false_in_both_targets(reference_dir, tmp_path):
+    """--decoupled-mode false: the C++ tensorrt_llm model and the llmapi model (config.pbtxt and model.yaml's
+    triton_config) are not decoupled, so the ensemble is unary; both repositories validate."""
+    from builder.repo.render import ServingOptions
+
+    for backend in ("tensorrtllm", "trtllm-pytorch"):
+        out = tmp_path / backend
+        build(BuildOptions(output=out, model=str(reference_dir), settings=BuildSettings(**SETTINGS), backend=backend,
+                           serving=ServingOptions(decoupled_mode=False)))
+        assert find_problems(out) == []
+        assert not parse_config(out / "tensorrt_llm" / "config.pbtxt").model_transaction_policy.decoupled
+    model_yaml = yaml.safe_load((tmp_path / "trtllm-pytorch" / "tensorrt_llm" / "1" / "model.yaml").read_text())
+    assert model_yaml["triton_config"]["decoupled"] is False
 
 
 def test_validation_catches_bad_cpp_parameters(built, tmp_path):

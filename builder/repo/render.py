@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,12 +13,15 @@ import yaml
 
 from builder.config import EngineConfig
 from builder.errors import ConfigError, OutputExistsError
+from builder.repo.validate import parse_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES_DIR = PROJECT_ROOT / "model_repo_templates"
 ENSEMBLES_DIR = PROJECT_ROOT / "ensembles"
-MODELS = ("ensemble", "preprocessing", "tensorrt_llm", "postprocessing")
+ENGINE_MODEL = "tensorrt_llm"
+MODELS = ("ensemble", "preprocessing", ENGINE_MODEL, "postprocessing", "tensorrt_llm_bls")
 VERSION = "1"
+BLS_PIPELINE = f"{VERSION}/pipeline.json"  # relative to the tensorrt_llm_bls folder: the steps it runs
 ENGINE_SUBDIR = f"{VERSION}/engine"  # relative to the tensorrt_llm folder
 TOKENIZER_SUBDIR = f"{VERSION}/tokenizer"  # relative to the preprocessing / postprocessing folders
 TEMPLATE_SUFFIX = ".j2"
@@ -39,6 +43,8 @@ class ServingOptions:
     cancellation_check_period_ms: int = 100  # TensorRT-LLM's default; 0 checks every engine step
     max_responses_per_second: float = 2000.0  # streamed responses of the engine model, all requests (0: unbounded)
     response_sender_threads: int = 2  # threads of the engine model that send responses
+    decoupled_mode: bool = True  # TensorRT-LLM's decoupled_mode: tensorrt_llm and the BLS stream; False: unary models
+    accumulate_tokens: bool = False  # tensorrt_llm_bls: streamed text_output is the whole text so far (upstream's)
 
     def validate(self) -> None:
         """Raise ConfigError for values Triton or the runtime cannot take."""
@@ -93,11 +99,16 @@ def render_context(engine_config: EngineConfig, options: ServingOptions) -> dict
         "preprocessing_instances": options.preprocessing_instances,
         "tensorrt_llm_parameters": tensorrt_llm_parameters(engine_config, options),
         "preprocessing_parameters": {"tokenizer_dir": TOKENIZER_SUBDIR,
-                                     "add_special_tokens": _flag(options.add_special_tokens)},
+                                     "add_special_tokens": _flag(options.add_special_tokens),
+                                     "max_input_len": str(engine_config.build.max_input_len)},
         "postprocessing_parameters": {"tokenizer_dir": TOKENIZER_SUBDIR,
                                       "skip_special_tokens": _flag(options.skip_special_tokens),
-                                      "tensorrt_llm_model_name": "tensorrt_llm"},
+                                      "tensorrt_llm_model_name": ENGINE_MODEL,
+                                      "vocab_size": str(engine_config.model.vocab_size)},
         "pipeline": load_pipeline(options.pipeline),
+        "decoupled": options.decoupled_mode,
+        "bls_parameters": {"accumulate_tokens": _flag(options.accumulate_tokens),
+                           "tensorrt_llm_model_name": ENGINE_MODEL, "pipeline": BLS_PIPELINE},
     }
 
 
@@ -119,7 +130,43 @@ def load_pipeline(name: str, ensembles_dir: Path = ENSEMBLES_DIR) -> dict[str, A
     for step in data["steps"]:
         step.setdefault("inputs", {})
         step.setdefault("outputs", {})
+        step.setdefault("engine", False)
+    if sum(1 for step in data["steps"] if step["engine"]) != 1:
+        raise ConfigError(f"{path} must mark exactly one step `engine: true` (the engine model, whose responses the "
+                          "later steps handle one by one); see ensembles/llm.yaml")
     data["source"] = path.name
+    return data
+
+
+def pipeline_for_engine(pipeline: dict[str, Any], engine_model: str, engine_outputs: set[str]) -> dict[str, Any]:
+    """The ensemble pipeline for an engine model that declares `engine_outputs`.
+
+    Outputs of the engine step that the engine lacks are dropped when the step lists them in `optional_outputs`,
+    with the ensemble outputs they feed and the later step inputs that read them when those steps list them in
+    `optional_inputs` (ensembles/llm.yaml: detok_context_ids and is_final exist only in builder's runtime; log
+    probs, logits and perf metrics only in TensorRT-LLM's C++ backend). Anything else missing is a ConfigError.
+    """
+    data = copy.deepcopy(pipeline)
+    dropped: set[str] = set()
+    for step in data["steps"]:
+        if step["model"] != engine_model:
+            continue
+        for key in list(step["outputs"]):
+            if key in engine_outputs:
+                continue
+            if key not in step.get("optional_outputs", []):
+                raise ConfigError(f"pipeline {data.get('source')}: {engine_model} output {key!r} is not declared by "
+                                  f"this engine model and is not listed in the step's optional_outputs")
+            dropped.add(step["outputs"].pop(key))
+    for step in data["steps"]:
+        for key, tensor in list(step["inputs"].items()):
+            if tensor not in dropped:
+                continue
+            if key not in step.get("optional_inputs", []):
+                raise ConfigError(f"pipeline {data.get('source')}: {step['model']} input {key!r} reads {tensor!r}, "
+                                  f"which {engine_model} does not produce, and is not listed in optional_inputs")
+            del step["inputs"][key]
+    data["outputs"] = [t for t in data["outputs"] if t["name"] not in dropped]
     return data
 
 
@@ -178,7 +225,8 @@ def _copy_tokenizer(tokenizer_dir: Path, target: Path) -> None:
 def render_repository(repo_dir: Path, engine_config: EngineConfig, engine_dir: Path, tokenizer_dir: Path,
                       options: ServingOptions | None = None, copy_engine: bool = False,
                       templates_dir: Path = TEMPLATES_DIR) -> Path:
-    """Write the repository (ensemble, preprocessing, tensorrt_llm, postprocessing) into an empty repo_dir.
+    """Write the repository (ensemble, preprocessing, tensorrt_llm, postprocessing, tensorrt_llm_bls) into an
+    empty repo_dir.
 
     The engine folder is moved into tensorrt_llm/1/engine (copied when copy_engine); the tokenizer files are
     copied into preprocessing/1/tokenizer and postprocessing/1/tokenizer. Returns repo_dir.
@@ -190,8 +238,12 @@ def render_repository(repo_dir: Path, engine_config: EngineConfig, engine_dir: P
         raise OutputExistsError(f"repository folder {repo_dir} is not empty; render into a new or empty folder")
     repo_dir.mkdir(parents=True, exist_ok=True)
     context = render_context(engine_config, options)
+    render_templates(Path(templates_dir) / ENGINE_MODEL, repo_dir / ENGINE_MODEL, context)
+    engine_outputs = {t.name for t in parse_config(repo_dir / ENGINE_MODEL / "config.pbtxt").output}
+    context["pipeline"] = pipeline_for_engine(context["pipeline"], ENGINE_MODEL, engine_outputs)
     for model in MODELS:  # only the portable models: templates_dir/engines/ holds the TensorRT-LLM targets' ones
-        render_templates(Path(templates_dir) / model, repo_dir / model, context)
+        if model != ENGINE_MODEL:
+            render_templates(Path(templates_dir) / model, repo_dir / model, context)
     for model in MODELS:
         (repo_dir / model / VERSION).mkdir(parents=True, exist_ok=True)
     for model in ("preprocessing", "postprocessing"):

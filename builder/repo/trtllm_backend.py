@@ -14,16 +14,16 @@ rewrites them when the repository has been moved or is mounted elsewhere.
 
 from __future__ import annotations
 
-import copy
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from builder.config import EngineConfig
 from builder.errors import ConfigError, OutputExistsError
 from builder.repo.render import (TEMPLATES_DIR, TOKENIZER_SUBDIR, VERSION, ServingOptions, _copy_tokenizer, _flag,
-                                 load_pipeline, make_environment, render_context, render_templates)
+                                 load_pipeline, make_environment, pipeline_for_engine, render_context,
+                                 render_templates)
+from builder.repo.validate import parse_config
 from builder.trtllm_build import (BUILD_SCRIPT, CHECKPOINT_SUBDIR, ENGINE_MODEL, ENGINE_SUBDIR, LAUNCH_SCRIPT,
                                   TRITON_IMAGE, TRTLLM_PIN, TRTLLM_SERIES, launch_args, paged_context_fmha,
                                   script_lines, trtllm_build_args)
@@ -76,37 +76,6 @@ def cpp_parameters(engine_config: EngineConfig, options: ServingOptions, gpt_mod
     return params
 
 
-def pipeline_for_engine(pipeline: dict[str, Any], engine_model: str, engine_outputs: set[str]) -> dict[str, Any]:
-    """The ensemble pipeline for an engine model that declares `engine_outputs`.
-
-    Outputs of the engine step that the engine lacks are dropped when the step lists them in `optional_outputs`,
-    and so are the later step inputs that read them when those steps list them in `optional_inputs`
-    (ensembles/llm.yaml: detok_context_ids and is_final exist only in builder's runtime). Anything else missing is
-    a ConfigError.
-    """
-    data = copy.deepcopy(pipeline)
-    dropped: set[str] = set()
-    for step in data["steps"]:
-        if step["model"] != engine_model:
-            continue
-        for key in list(step["outputs"]):
-            if key in engine_outputs:
-                continue
-            if key not in step.get("optional_outputs", []):
-                raise ConfigError(f"pipeline {data.get('source')}: {engine_model} output {key!r} is not declared by "
-                                  f"this engine model and is not listed in the step's optional_outputs")
-            dropped.add(step["outputs"].pop(key))
-    for step in data["steps"]:
-        for key, tensor in list(step["inputs"].items()):
-            if tensor not in dropped:
-                continue
-            if key not in step.get("optional_inputs", []):
-                raise ConfigError(f"pipeline {data.get('source')}: {step['model']} input {key!r} reads {tensor!r}, "
-                                  f"which {engine_model} does not produce, and is not listed in optional_inputs")
-            del step["inputs"][key]
-    return data
-
-
 def _check_target_dir(repo_dir: Path) -> Path:
     """An empty or new folder to render into."""
     repo_dir = Path(repo_dir)
@@ -118,8 +87,6 @@ def _check_target_dir(repo_dir: Path) -> Path:
 
 def _place(src: Path, target: Path, copy_it: bool) -> None:
     """Move (or copy) a checkpoint folder into the repository."""
-    import shutil
-
     if not (Path(src) / "config.json").is_file():
         raise ConfigError(f"checkpoint folder {src} has no config.json; write the checkpoint first")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -169,8 +136,6 @@ def render_tensorrtllm_repository(repo_dir: Path, engine_config: EngineConfig, c
     The TensorRT-LLM checkpoint (config.json + rank{N}.safetensors) is moved (copied when copy_checkpoint) into
     tensorrt_llm/1/checkpoint; build_engine.sh turns it into tensorrt_llm/1/engine.
     """
-    from builder.repo.validate import parse_config
-
     options = options or ServingOptions()
     options.validate()
     repo_dir = _check_target_dir(repo_dir)
@@ -206,7 +171,7 @@ def render_llmapi_repository(repo_dir: Path, engine_config: EngineConfig, checkp
     repo_dir = _check_target_dir(repo_dir)
     build = engine_config.build
     context = {
-        "trtllm_series": TRTLLM_SERIES, "trtllm_pin": TRTLLM_PIN, "decoupled": True,
+        "trtllm_series": TRTLLM_SERIES, "trtllm_pin": TRTLLM_PIN, "decoupled": options.decoupled_mode,
         "model_path": checkpoint_path(final_repo), "tp": engine_config.model.mapping.tp_size,
         "max_batch_size": build.max_batch_size, "max_num_tokens": build.max_num_tokens,
         "max_seq_len": build.max_seq_len, "enable_chunked_prefill": options.enable_chunked_context,

@@ -132,15 +132,13 @@ def check_cpp_parameter(key: str, value: str) -> str | None:
 
 
 def check_cpp_model(model) -> list[str]:
-    """The C++ tensorrtllm model: instance group, decoupled, parameters, checkpoint, and the engine if built."""
+    """The C++ tensorrtllm model: instance group, parameters, checkpoint, and the engine if built."""
     name, config = model.name, model.config
     problems = []
     groups = list(config.instance_group)
     if len(groups) != 1 or groups[0].count != 1 or groups[0].kind != groups[0].KIND_CPU:
         problems.append(f"{name}: the tensorrtllm backend wants one KIND_CPU instance (it places the engine on GPUs "
                         "itself)")
-    if not config.model_transaction_policy.decoupled:
-        problems.append(f"{name}: not decoupled; streaming (the ensemble's stream input) needs decoupled: true")
     params = _parameters(model)
     for key, value in params.items():
         problem = check_cpp_parameter(key, value)

@@ -1,4 +1,7 @@
-"""Validate a rendered model repository the way Triton will read it: configs, ensemble wiring, files on disk."""
+"""Validate a rendered model repository the way Triton will read it: configs, ensemble wiring, files on disk.
+
+The tensorrt_llm_bls model runs the same wiring as the ensemble from its 1/pipeline.json (BLS requests instead of
+ensemble steps): that wiring is checked as if it were an ensemble with the BLS's inputs and outputs."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from tritonclient.grpc import model_config_pb2
 from builder.errors import RepositoryValidationError
 from builder.repo.trtllm_validate import check_trtllm_target, is_llmapi_model
 from builder.repo.trtllm_validate import data_dirs as trtllm_data_dirs
+from builder.triton.tensors import FALSE_STRINGS, TRUE_STRINGS
 
 PLACEHOLDER = b"${"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # one of them, plus tokenizer_config.json
@@ -40,6 +44,11 @@ class Model:
     def name(self) -> str:
         """The folder name (Triton's model name)."""
         return self.folder.name
+
+    @property
+    def decoupled(self) -> bool:
+        """model_transaction_policy { decoupled: true }."""
+        return self.config.model_transaction_policy.decoupled
 
 
 def _dtype(value: int) -> str:
@@ -208,14 +217,38 @@ def _check_step(ensemble: Model, index: int, step, models: dict[str, Model], typ
     return problems
 
 
+def check_decoupled_sources(ensemble: Model, models: dict[str, Model]) -> list[str]:
+    """No step takes inputs that come from different decoupled models, or from a decoupled model and from outside
+    it (Triton refuses such an ensemble: a decoupled step's responses cannot be matched with other tensors).
+
+    Each tensor's source is the last decoupled model upstream of it (None: none, e.g. an ensemble input); steps are
+    followed in order, as ensembles/ lists them."""
+    sources: dict[str, str | None] = {name: None for name in ensemble.inputs}
+    problems = []
+    for index, step in enumerate(ensemble.config.ensemble_scheduling.step):
+        found = {sources[value] for value in step.input_map.values() if value in sources}
+        if len(found) > 1:
+            named = ", ".join(sorted(s or "outside any decoupled model" for s in found))
+            problems.append(f"{ensemble.name} step {index} ({step.model_name}): its inputs come from different "
+                            f"decoupled sources ({named}); Triton refuses such an ensemble, so feed this step only "
+                            "from one decoupled model's outputs")
+        model = models.get(step.model_name)
+        source = step.model_name if model is not None and model.decoupled else next(iter(found), None)
+        for value in step.output_map.values():
+            sources[value] = source
+    return problems
+
+
 def check_ensemble(ensemble: Model, models: dict[str, Model]) -> list[str]:
-    """Steps name existing models and real tensors; dtypes match; every ensemble input/output is wired."""
+    """Steps name existing models and real tensors; dtypes match; every ensemble input/output is wired; no step
+    mixes decoupled sources."""
     steps = list(ensemble.config.ensemble_scheduling.step)
     if not steps:
         return [f"{ensemble.name}: platform ensemble without ensemble_scheduling steps"]
     types, problems = _tensor_types(ensemble, models)
     for index, step in enumerate(steps):
         problems += _check_step(ensemble, index, step, models, types)
+    problems += check_decoupled_sources(ensemble, models)
     consumed = {value for step in steps for value in step.input_map.values()}
     produced = {value for step in steps for value in step.output_map.values()}
     problems += [f"{ensemble.name}: input {name!r} is not used by any step" for name in ensemble.inputs
@@ -226,6 +259,54 @@ def check_ensemble(ensemble: Model, models: dict[str, Model]) -> list[str]:
         elif types.get(name) not in (None, tensor.data_type):
             problems.append(f"{ensemble.name}: output {name!r} is {tensor.data_type} but its step produces "
                             f"{types[name]}")
+    return problems
+
+
+def bls_pipeline(model: Model) -> tuple[dict | None, list[str]]:
+    """The step list a BLS model runs (its `pipeline` parameter names the JSON file), or why it cannot be read;
+    (None, []) for a model without that parameter."""
+    relative = _parameter(model, "pipeline")
+    if relative is None:
+        return None, []
+    path = model.folder / relative
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return None, [f"{model.name}: pipeline {relative} cannot be read as JSON ({exc})"]
+    steps = data.get("steps") if isinstance(data, dict) else None
+    if not isinstance(steps, list) or not all(isinstance(s, dict) and isinstance(s.get("model"), str)
+                                              and isinstance(s.get("inputs"), dict)
+                                              and isinstance(s.get("outputs"), dict) for s in steps):
+        return None, [f"{model.name}: pipeline {relative} has no list of steps (each with model, inputs, outputs)"]
+    if sum(1 for s in steps if s.get("engine")) != 1:
+        return None, [f"{model.name}: pipeline {relative} must mark exactly one step as the engine (engine: true)"]
+    return data, []
+
+
+def check_bls(model: Model, models: dict[str, Model]) -> list[str]:
+    """A tensorrt_llm_bls model: its pipeline's wiring checked as an ensemble with the BLS's inputs and outputs (the
+    engine step calls tensorrt_llm_model_name), its parameters parse, and it is decoupled exactly when its engine
+    model is (streaming needs both; a unary BLS over a decoupled engine would refuse stream=true that the ensemble
+    accepts)."""
+    data, problems = bls_pipeline(model)
+    if data is None:
+        return problems
+    params = {key: value.string_value for key, value in model.config.parameters.items()}
+    if params.get("accumulate_tokens", "false").strip().lower() not in TRUE_STRINGS + FALSE_STRINGS:
+        problems.append(f"{model.name}: parameter accumulate_tokens = {params['accumulate_tokens']!r} is not a boolean")
+    engine_name = params.get("tensorrt_llm_model_name") or "tensorrt_llm"
+    config = model_config_pb2.ModelConfig()
+    config.CopyFrom(model.config)
+    for step in data["steps"]:
+        entry = config.ensemble_scheduling.step.add(model_name=engine_name if step.get("engine") else step["model"],
+                                                    model_version=-1)
+        entry.input_map.update(step["inputs"])
+        entry.output_map.update(step["outputs"])
+    problems += check_ensemble(Model(model.folder, config, model.inputs, model.outputs), models)
+    engine = models.get(engine_name)
+    if engine is not None and engine.decoupled != model.decoupled:
+        problems.append(f"{model.name}: decoupled is {str(model.decoupled).lower()} but its engine model "
+                        f"{engine_name} has {str(engine.decoupled).lower()}; build with one --decoupled-mode for both")
     return problems
 
 
@@ -240,6 +321,8 @@ def find_problems(repo_dir: Path) -> list[str]:
         problems += check_model_files(model)
         if model.config.platform == "ensemble":
             problems += check_ensemble(model, models)
+        elif model.config.backend == "python":
+            problems += check_bls(model, models)
     problems += check_placeholders(repo_dir, models)
     return problems
 

@@ -17,12 +17,20 @@ class TokenizerError(CheckpointError):
     """Tokenizer files are missing or cannot be loaded."""
 
 
+class OutsideCheckpointError(CheckpointError):
+    """A file the checkpoint names (a symlink, an index entry, a tokenizer path) lies outside the checkpoint folder."""
+
+
 class ConfigError(BuilderError):
     """A build option or engine setting is invalid."""
 
 
 class OutputExistsError(BuilderError):
-    """The output folder already exists and --force was not given."""
+    """The output folder already exists and --force was not given, or it is not something --force may replace."""
+
+
+class OutputPathError(BuilderError):
+    """The --output path cannot be used: a file in the way, no permission, a name too long, the --model folder."""
 
 
 class RepositoryValidationError(BuilderError):

@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress, track
 
-from builder.checkpoint.hf import HFCheckpoint
+from builder.checkpoint.hf import HFCheckpoint, staged_tokenizer
 from builder.checkpoint.safetensors_io import TORCH_DTYPES, write_streaming
 from builder.checkpoint.shard import read_shard, split_for_rank, validate_tp
 from builder.checkpoint.trtllm import (KV_SCALE_SUFFIX, TensorSpec, WeightSpec, hf_dtype, model_config_from_hf,
@@ -39,6 +39,13 @@ def _embed_dtype(ckpt: HFCheckpoint) -> str | None:
     """safetensors dtype of the embedding, if the checkpoint has one."""
     name = "model.embed_tokens.weight"
     return ckpt.dtype(name) if name in ckpt.weight_map else None
+
+
+def plan_checkpoint(ckpt: HFCheckpoint, dtype: str = "auto") -> tuple[ModelConfig, list[WeightSpec]]:
+    """The model config (config.json fields checked) and the conversion plan (every weight's shape checked against
+    them), from the config and the safetensors headers alone: CheckpointError before anything is read or written."""
+    model_cfg = model_config_from_hf(ckpt.config, resolve_dtype(ckpt, dtype))
+    return model_cfg, plan_weights(model_cfg, {name: ckpt.shape(name) for name in ckpt.names()})
 
 
 def check_quant_options(quant: QuantOptions) -> QuantConfig:
@@ -70,18 +77,18 @@ def convert_checkpoint(hf_dir: Path, engine_dir: Path, settings: BuildSettings, 
     quant = quant or QuantOptions()
     quant_config = check_quant_options(quant)
     ckpt = HFCheckpoint(hf_dir)
-    dtype = resolve_dtype(ckpt, settings.dtype)
-    model_cfg = model_config_from_hf(ckpt.config, dtype)
+    model_cfg, plan = plan_checkpoint(ckpt, settings.dtype)
+    dtype = model_cfg.dtype
     validate_tp(model_cfg, tp_size)
     model_cfg.mapping = Mapping(world_size=tp_size, tp_size=tp_size, pp_size=1)
     model_cfg.quantization = quant_config
     validate_model_quantization(model_cfg, tp_size)
-    plan = plan_weights(model_cfg, {name: ckpt.shape(name) for name in ckpt.names()})
     console = Console(stderr=True)
     calib = None
     if needs_calibration(quant_config):
-        tokens = calibration_tokens(hf_dir, quant.calib_data, quant.calib_size, quant.calib_seq_len,
-                                    settings.max_seq_len)
+        with staged_tokenizer(hf_dir) as tokenizer_dir:
+            tokens = calibration_tokens(tokenizer_dir, quant.calib_data, quant.calib_size, quant.calib_seq_len,
+                                        settings.max_seq_len)
         with Progress(transient=True, console=console, disable=not console.is_terminal) as progress:
             task = progress.add_task(f"Calibrating ({tokens.shape[0]} x {tokens.shape[1]} tokens)",
                                      total=model_cfg.num_hidden_layers)

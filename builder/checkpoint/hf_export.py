@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from builder.checkpoint.hf import HFCheckpoint, copy_tokenizer
+from builder.checkpoint.hf import HFCheckpoint, copy_tokenizer, staged_tokenizer
 from builder.checkpoint.safetensors_io import write_streaming
 from builder.checkpoint.trtllm import IGNORED_SUFFIXES
 from builder.config import BuildSettings, EngineConfig, Mapping, ModelConfig, QuantConfig
@@ -237,7 +237,9 @@ def _default_calibrate(quant_options, max_len: int) -> Calibrate:
     def run(ckpt: HFCheckpoint, cfg: ModelConfig):
         from builder.quantize.layerwise import calibrate, calibration_tokens
 
-        tokens = calibration_tokens(ckpt.dir, options.calib_data, options.calib_size, options.calib_seq_len, max_len)
+        with staged_tokenizer(ckpt.dir) as tokenizer_dir:
+            tokens = calibration_tokens(tokenizer_dir, options.calib_data, options.calib_size, options.calib_seq_len,
+                                        max_len)
         return calibrate(ckpt, cfg, tokens)
     return run
 
@@ -251,17 +253,16 @@ def export_hf_checkpoint(hf_dir: Path, out_dir: Path, settings: BuildSettings, t
     shard to at load time; the files themselves are not sharded). `calibrate(ckpt, cfg)` supplies the statistics of
     AWQ, FP8 and the FP8 KV cache (default: builder.quantize.layerwise on quant_options' calibration text).
     """
-    from builder.checkpoint.convert import resolve_dtype
+    from builder.checkpoint.convert import plan_checkpoint
     from builder.checkpoint.shard import validate_tp
-    from builder.checkpoint.trtllm import model_config_from_hf
     from builder.quantize.modes import needs_calibration, validate_model_quantization
 
     settings.validate()
     quant = quant_config or QuantConfig()
     check_pytorch_quantization(quant)
     ckpt = HFCheckpoint(hf_dir)
-    dtype_name = resolve_dtype(ckpt, settings.dtype)
-    cfg = model_config_from_hf(ckpt.config, dtype_name)
+    cfg, _ = plan_checkpoint(ckpt, settings.dtype)  # config fields and every weight's shape checked
+    dtype_name = cfg.dtype
     validate_tp(cfg, tp_size)
     cfg.mapping = Mapping(world_size=tp_size, tp_size=tp_size, pp_size=1)
     exported = exported_quant_config(quant)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,15 @@ LAYER_NAMES = {
 EMBED = "model.embed_tokens.weight"
 GLOBAL_NAMES = {EMBED: "transformer.vocab_embedding.weight", "model.norm.weight": "transformer.ln_f.weight"}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some exports still contain
+# Bound on config.json's max_position_embeddings (4M tokens; the longest supported models have ~1M): `builder build`
+# takes max_seq_len from it by default, and an absurd value would otherwise fail only when the server allocates.
+MAX_POSITION_EMBEDDINGS = 2**22
+REQUIRED_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                  "max_position_embeddings")
+OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "sliding_window")  # absent or null: derived / unused
+ROPE_SIZES = ("original_max_position_embeddings",)
+ROPE_REQUIRED = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                   "original_max_position_embeddings")}
 
 
 @dataclass(frozen=True)
@@ -76,8 +86,96 @@ def _require(hf_config: dict[str, Any], key: str) -> Any:
     return hf_config[key]
 
 
+def _bad_field(key: str, value: Any, want: str) -> CheckpointError:
+    """The one-line error for a config.json field of the wrong type or value."""
+    return CheckpointError(f"config.json: {key} must be {want}, got {value!r} ({type(value).__name__}); "
+                           "restore the config.json of the original model or correct that field")
+
+
+def _positive_int(key: str, value: Any) -> int:
+    """value when it is an int >= 1 (JSON true/false and 64.0 are not), else CheckpointError naming key."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _bad_field(key, value, "a positive integer")
+    return value
+
+
+def _positive_number(key: str, value: Any) -> float:
+    """value as a float when it is a finite number > 0 (not a bool or a string), else CheckpointError naming key."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise _bad_field(key, value, "a finite number > 0")
+    return float(value)
+
+
+def _check_rope_dict(key: str, rope: Any) -> None:
+    """A rope_scaling / rope_parameters dict: numbers finite, factors > 0, the keys the rope type needs present."""
+    if rope is None:
+        return
+    if not isinstance(rope, dict):
+        raise _bad_field(key, rope, "an object such as {\"rope_type\": \"linear\", \"factor\": 2.0}, or null")
+    kind = rope.get("rope_type", rope.get("type"))
+    if kind is not None and not isinstance(kind, str):
+        raise _bad_field(f"{key}.rope_type", kind, "a string")
+    for name in ROPE_REQUIRED.get(kind, ()):
+        if rope.get(name) is None:
+            raise CheckpointError(f"config.json: {key} of rope_type {kind!r} lacks {name!r}; restore the "
+                                  "config.json of the original model")
+    for name, value in rope.items():
+        if name in ROPE_SIZES and value is not None:
+            _positive_int(f"{key}.{name}", value)
+        elif (name == "factor" or name.endswith("_factor")) and isinstance(value, list):
+            for item in value:  # longrope's short_factor / long_factor
+                _positive_number(f"{key}.{name}", item)
+        elif name == "factor" or name.endswith("_factor") or name == "rope_theta":
+            if value is not None:
+                _positive_number(f"{key}.{name}", value)
+        elif isinstance(value, float) and not math.isfinite(value):  # beta_fast, mscale, ...
+            raise _bad_field(f"{key}.{name}", value, "a finite number")
+    if kind == "llama3" and rope["high_freq_factor"] <= rope["low_freq_factor"]:
+        raise CheckpointError(f"config.json: {key}.high_freq_factor ({rope['high_freq_factor']}) must exceed "
+                              f"low_freq_factor ({rope['low_freq_factor']}); restore the config.json of the "
+                              "original model")
+
+
+def check_hf_config(hf_config: dict[str, Any]) -> None:
+    """Check the config.json fields the conversion uses, before anything is written: CheckpointError naming the field.
+
+    Sizes are positive integers (not strings, floats or booleans), heads divide as attention needs them
+    (hidden_size by num_attention_heads when head_dim is absent, num_attention_heads by num_key_value_heads),
+    max_position_embeddings is at most MAX_POSITION_EMBEDDINGS, rope_theta and rms_norm_eps are finite and > 0,
+    and rope scaling factors are finite and positive.
+    """
+    for key in REQUIRED_SIZES:
+        _positive_int(key, _require(hf_config, key))
+    for key in OPTIONAL_SIZES:
+        if hf_config.get(key) is not None:
+            _positive_int(key, hf_config[key])
+    hidden, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
+    kv_heads = hf_config.get("num_key_value_heads") or heads
+    if hf_config.get("head_dim") is None and hidden % heads:
+        raise CheckpointError(f"config.json: hidden_size ({hidden}) is not a multiple of num_attention_heads "
+                              f"({heads}) and there is no head_dim; restore the config.json of the original model")
+    if heads % kv_heads:
+        raise CheckpointError(f"config.json: num_attention_heads ({heads}) is not a multiple of num_key_value_heads "
+                              f"({kv_heads}); restore the config.json of the original model")
+    positions = hf_config["max_position_embeddings"]
+    if positions > MAX_POSITION_EMBEDDINGS:
+        raise CheckpointError(f"config.json: max_position_embeddings {positions} is beyond {MAX_POSITION_EMBEDDINGS} "
+                              "(builder's bound; --max-seq-len defaults to it); restore the config.json of the "
+                              "original model or correct that field")
+    for key in ("rope_theta", "rms_norm_eps"):
+        if hf_config.get(key) is not None:
+            _positive_number(key, hf_config[key])
+    for key in ("rope_scaling", "rope_parameters"):
+        _check_rope_dict(key, hf_config.get(key))
+    for key in ("tie_word_embeddings", "mlp_bias", "attention_bias", "use_sliding_window"):
+        if hf_config.get(key) is not None and not isinstance(hf_config[key], bool):
+            raise _bad_field(key, hf_config[key], "true or false")
+
+
 def model_config_from_hf(hf_config: dict[str, Any], dtype: str) -> ModelConfig:
-    """Translate an HF Llama/Mistral/Qwen2 config.json dict into the TensorRT-LLM PretrainedConfig."""
+    """Translate an HF Llama/Mistral/Qwen2 config.json dict into the TensorRT-LLM PretrainedConfig (checked first by
+    check_hf_config)."""
+    check_hf_config(hf_config)
     arch = hf_config["architectures"][0]
     qwen2 = arch == "Qwen2ForCausalLM"
     hidden, heads = int(_require(hf_config, "hidden_size")), int(_require(hf_config, "num_attention_heads"))
@@ -162,13 +260,34 @@ def plan_weights(cfg: ModelConfig, hf_shapes: dict[str, list[int]]) -> list[Weig
         missing = [s for s in sources[name] if s not in hf_shapes]
         if missing:
             raise CheckpointError(f"checkpoint lacks {', '.join(missing)}; download the complete checkpoint")
-        got = [hf_shapes[s] for s in sources[name]]
-        fused = (sum(g[0] for g in got), *got[0][1:])
-        if tuple(fused) != shape or any(list(g[1:]) != list(got[0][1:]) for g in got):
-            raise CheckpointError(f"{' + '.join(sources[name])} has shape {' + '.join(map(str, got))}, expected "
-                                  f"{list(shape)} for {name}; config.json does not match the weights")
+        for source, want in zip(sources[name], _source_shapes(cfg, name, shape), strict=True):
+            if tuple(hf_shapes[source]) != want:
+                raise CheckpointError(f"{source} has shape {list(hf_shapes[source])}, but config.json "
+                                      f"({_shape_fields(cfg, name)}) implies {list(want)}; the weights do not "
+                                      "match config.json: restore the original config.json and weights")
         plan.append(WeightSpec(name, shape, sources[name]))
     return plan
+
+
+def _source_shapes(cfg: ModelConfig, name: str, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Expected shape of each HF tensor that TRT-LLM tensor `name` (full shape `shape`) is made from."""
+    if name.endswith(("attention.qkv.weight", "attention.qkv.bias")):
+        q, kv = cfg.num_attention_heads * cfg.head_size, cfg.num_key_value_heads * cfg.head_size
+        return [(rows, *shape[1:]) for rows in (q, kv, kv)]
+    return [shape]
+
+
+def _shape_fields(cfg: ModelConfig, name: str) -> str:
+    """The config.json fields that determine the shape of TRT-LLM tensor `name`, with their values."""
+    h = f"hidden_size {cfg.hidden_size}"
+    if name.endswith(("vocab_embedding.weight", "lm_head.weight")):
+        return f"vocab_size {cfg.vocab_size}, {h}"
+    if ".attention." in name:
+        return (f"num_attention_heads {cfg.num_attention_heads}, num_key_value_heads {cfg.num_key_value_heads}, "
+                f"head_dim {cfg.head_size}, {h}")
+    if ".mlp." in name:
+        return f"intermediate_size {cfg.intermediate_size}, {h}"
+    return h
 
 
 # ---- per-rank checkpoint layout (quantization included) -----------------------------------------------------------

@@ -59,7 +59,8 @@ def greedy(prompt: str, **extra) -> dict:
 
 
 def build_and_serve(tmp_path_factory, hf_dir: Path, name: str, **serving):
-    """Build a repository with these ServingOptions and start tritonserver on it (a context manager)."""
+    """Build a repository with these ServingOptions and start tritonserver on it (ready within 300 s, as conftest's
+    servers: a loaded machine takes longer than TritonServer's default); the caller stops it."""
     from builder.build import BuildOptions, build
     from builder.config import BuildSettings
     from builder.repo.render import ServingOptions
@@ -68,26 +69,32 @@ def build_and_serve(tmp_path_factory, hf_dir: Path, name: str, **serving):
     repo = tmp_path_factory.mktemp("contract") / name
     build(BuildOptions(output=repo, model=str(hf_dir), settings=BuildSettings(**SETTINGS),
                        serving=ServingOptions(**serving)))
-    return TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
-                        log_path=repo.parent / f"{name}.log")
+    server = TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
+                          log_path=repo.parent / f"{name}.log")
+    server.start()
+    try:
+        server.wait_ready(timeout=300)
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 @pytest.fixture(scope="module")
 def unary_server(tmp_path_factory, tiny_checkpoints):
     """tiny-llama built with --decoupled-mode false, served."""
-    with build_and_serve(tmp_path_factory, tiny_checkpoints["LlamaForCausalLM"], "unary",
-                         decoupled_mode=False) as server:
-        server.wait_ready(timeout=300)
-        yield server
+    server = build_and_serve(tmp_path_factory, tiny_checkpoints["LlamaForCausalLM"], "unary", decoupled_mode=False)
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
 def accumulate_server(tmp_path_factory, tiny_checkpoints):
     """tiny-llama built with the BLS's accumulate_tokens on, served."""
-    with build_and_serve(tmp_path_factory, tiny_checkpoints["LlamaForCausalLM"], "accumulate",
-                         accumulate_tokens=True) as server:
-        server.wait_ready(timeout=300)
-        yield server
+    server = build_and_serve(tmp_path_factory, tiny_checkpoints["LlamaForCausalLM"], "accumulate",
+                             accumulate_tokens=True)
+    yield server
+    server.stop()
 
 
 def unary_grpc(url: str, model: str, request: dict, request_id: str = "") -> tuple[list[str] | None, str | None]:

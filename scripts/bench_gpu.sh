@@ -5,6 +5,7 @@
 #   scripts/bench_gpu.sh batch1              # batch-1 decode bf16 / int8_wo / int4_awq / fp8 vs the HBM roofline
 #   scripts/bench_gpu.sh mixed triton        # mixed workload vs HF generate; engine alone then tritonserver on one
 #                                            # built engine (put triton last: it switches to the serving venv)
+#   scripts/bench_gpu.sh soak                # issue #20's soak: 1,000 streams at 256, 20% cancelled, then none
 #   scripts/bench_gpu.sh tp2                 # TP=2 on two GPUs: equality tests + batch 1 and 64 at TP 1 and 2
 #   QUICK=1 scripts/bench_gpu.sh triton      # only the 128/128 sweep at 16, 64, 256 (engine alone, then Triton)
 #   scripts/bench_gpu.sh profile             # 128/128 + mixed, engine alone then served (one server per SERVER_ENVS
@@ -22,10 +23,10 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
 if [ "${SMALL:-0}" = 1 ]; then
   SHAPE=tiny DEVICE=cpu DTYPE=float32 SHORT=16 LONG=64 OUT_LEN=8 MAX_SEQ=96 N=8 LEVELS=2,4 C_BIG=4 NMIX=6
-  MIX_RANGES="--input-range 8-32 --output-range 4-16" ROOF=""
+  MIX_RANGES="--input-range 8-32 --output-range 4-16" ROOF="" C_SOAK=16
 else
   SHAPE=llama3-8b DEVICE=cuda DTYPE=bfloat16 SHORT=128 LONG=1024 OUT_LEN=128 MAX_SEQ=1536 N=512 LEVELS=16,64,256
-  C_BIG=64 NMIX=128 MIX_RANGES="" ROOF="--roofline"
+  C_BIG=64 NMIX=128 MIX_RANGES="" ROOF="--roofline" C_SOAK=256
 fi
 BENCH="$PY scripts/bench_engine.py --random $SHAPE --device $DEVICE $ROOF"
 CKPT=/tmp/random-$SHAPE
@@ -177,6 +178,23 @@ stage_triton() {
   start_server $OUT/server.log || return 1
   triton_points serve_bench --request-rate inf
   stop_server "$OUT/triton-metrics.txt"
+}
+
+stage_soak() {
+  # issue #20's soak on the served repository: SOAK_N streams at SOAK_C concurrent with 20% cancelled by their clients,
+  # then SOAK_N with none; each must pass builder.soak's checks with the server still alive afterwards
+  served_repo || return 1
+  serving_env || return 1
+  start_server $OUT/server-soak.log || return 1
+  local rc=0 cancel
+  for cancel in 0.2 0; do
+    $PY scripts/soak.py --url localhost:18001 --metrics-url http://localhost:18002/metrics \
+      --requests ${SOAK_N:-1000} --concurrency ${SOAK_C:-$C_SOAK} --cancel $cancel --out "$OUT/soak-$cancel.json" \
+      || rc=1
+    kill -0 $SERVER 2>/dev/null || { echo "tritonserver died"; tail -n 5 $OUT/server-soak.log; return 1; }
+  done
+  stop_server "$OUT/soak-metrics.txt"
+  return $rc
 }
 
 spy() {

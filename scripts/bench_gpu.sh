@@ -136,11 +136,14 @@ triton_points() {
 
 served_repo() {
   # the repository the served stages load (REPO), built once per machine
-  REPO=/tmp/repo-$SHAPE
+  # SERVE_DTYPE=float32 serves the same (bf16-drawn) weights in fp32: the soak's solo comparison then sees no
+  # bf16 rounding of batched-vs-alone kernels
+  local dtype=${SERVE_DTYPE:-$DTYPE}
+  REPO=/tmp/repo-$SHAPE-$dtype
   random_checkpoint
   client_wheel || return 1
   [ -f $REPO/ensemble/config.pbtxt ] && return 0
-  $PY -m builder.cli build --model $CKPT --output $REPO --force --dtype $DTYPE --device $DEVICE --eval off \
+  $PY -m builder.cli build --model $CKPT --output $REPO --force --dtype $dtype --device $DEVICE --eval off \
     --max-batch-size 256 --max-input-len $LONG --max-seq-len $MAX_SEQ --max-num-tokens 8192 \
     --preprocessing-instances ${PRE_INSTANCES:-4} | tail -n 2
 }
@@ -189,7 +192,7 @@ stage_soak() {
   local rc=0 cancel
   for cancel in 0.2 0; do
     $PY scripts/soak.py --url localhost:18001 --metrics-url http://localhost:18002/metrics \
-      --requests ${SOAK_N:-1000} --concurrency ${SOAK_C:-$C_SOAK} --cancel $cancel --out "$OUT/soak-$cancel.json" \
+      --requests ${SOAK_N:-1000} --concurrency ${SOAK_C:-$C_SOAK} --sample ${SOAK_SAMPLE:-16} --cancel $cancel --out "$OUT/soak-$cancel.json" \
       || rc=1
     kill -0 $SERVER 2>/dev/null || { echo "tritonserver died"; tail -n 5 $OUT/server-soak.log; return 1; }
   done

@@ -9,6 +9,7 @@ The caller checks that the server process is still alive (tests/test_soak.py, sc
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -166,7 +167,9 @@ def run_soak(url: str, metrics_url: str | None, options: SoakOptions) -> SoakRep
     finished = [r for r in requests if r.index in texts]
     for request in random.Random(options.seed + 1).sample(finished, min(options.sample, len(finished))):
         solo, _ = run_one(url, request, options)
-        if solo != texts[request.index]:
-            report.mismatches.append(f"request {request.index} ({request.max_tokens} tokens): "
-                                     f"{texts[request.index]!r} under load, {solo!r} alone")
+        loaded = texts[request.index]
+        if solo != loaded:
+            same = len(os.path.commonprefix([solo, loaded]))
+            report.mismatches.append(f"request {request.index} ({request.max_tokens} tokens, same for the first "
+                                     f"{same} of {len(loaded)} characters): {loaded!r} under load, {solo!r} alone")
     return report

@@ -335,38 +335,12 @@ def test_postprocessing_output_is_one_dimensional(postprocessor):
 # A real tritonserver
 
 
-def with_issue20_config(repo: Path) -> Path:
-    """Apply the config changes issue #20 asks of the templates (no-op once `builder build` renders them):
-    text_input / max_tokens and QUERY / REQUEST_OUTPUT_LEN optional (so a request missing one reaches
-    preprocessing, which names it, instead of Triton's ensemble answering an empty success), and the engine's
-    max_input_len / vocab_size as preprocessing / postprocessing parameters."""
-    from builder.config import EngineConfig
-
-    config = EngineConfig.load(repo / "tensorrt_llm" / "1" / "engine")
-    edits = {"ensemble": (("text_input", "max_tokens"), {}),
-             "preprocessing": (("QUERY", "REQUEST_OUTPUT_LEN"), {"max_input_len": config.build.max_input_len}),
-             "postprocessing": ((), {"vocab_size": config.model.vocab_size})}
-    for model, (names, params) in edits.items():
-        path = repo / model / "config.pbtxt"
-        inputs, outputs = path.read_text().split("\noutput [", 1)
-        for name in names:
-            inputs = re.sub(rf'(\{{ name: "{name}" [^}}]*?dims: \[[^\]]*\])( \}})', r"\1 optional: true\2", inputs)
-        text = inputs + "\noutput [" + outputs
-        for key, value in params.items():
-            if f'key: "{key}"' not in text:
-                text = text.replace("parameters [\n", f'parameters [\n  {{ key: "{key}" value: {{ string_value: '
-                                                      f'"{value}" }} }},\n', 1)
-        path.write_text(text)
-    return repo
-
-
 @pytest.fixture(scope="module")
 def server(tiny_checkpoints, tmp_path_factory):
-    """tiny-llama served with gRPC and HTTP (conftest's limits), configs as issue #20 asks."""
+    """tiny-llama served with gRPC and HTTP (conftest's limits)."""
     from builder.serve import TritonServer, free_port
 
-    repo = with_issue20_config(build_repo(tiny_checkpoints["LlamaForCausalLM"],
-                                          tmp_path_factory.mktemp("bad-input") / "repo"))
+    repo = build_repo(tiny_checkpoints["LlamaForCausalLM"], tmp_path_factory.mktemp("bad-input") / "repo")
     process = TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
                            log_path=tmp_path_factory.mktemp("logs") / "bad-input.log")
     process.start()

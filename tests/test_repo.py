@@ -37,7 +37,8 @@ RAGGED = {"input_ids", "decoder_input_ids", "stop_words_list", "bad_words_list"}
 ENGINE_OUTPUTS = {"output_ids": ("TYPE_INT32", [-1, -1]), "sequence_length": ("TYPE_INT32", [-1]),
                   "detok_context_ids": ("TYPE_INT32", [-1]), "is_final": ("TYPE_BOOL", [1])}
 ENSEMBLE_INPUTS = {
-    "text_input": ("TYPE_STRING", [1], REQ), "max_tokens": ("TYPE_INT32", [1], REQ),
+    # optional to Triton, required by preprocessing (a missing one gets a named error, not an empty success)
+    "text_input": ("TYPE_STRING", [1], OPT), "max_tokens": ("TYPE_INT32", [1], OPT),
     "bad_words": ("TYPE_STRING", [-1], OPT), "stop_words": ("TYPE_STRING", [-1], OPT),
     "exclude_input_in_output": ("TYPE_BOOL", [1], OPT), "end_id": ("TYPE_INT32", [1], OPT),
     "pad_id": ("TYPE_INT32", [1], OPT), "top_k": ("TYPE_INT32", [1], OPT), "top_p": ("TYPE_FP32", [1], OPT),

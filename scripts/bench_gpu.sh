@@ -30,6 +30,8 @@ else
 fi
 BENCH="$PY scripts/bench_engine.py --random $SHAPE --device $DEVICE $ROOF"
 CKPT=/tmp/random-$SHAPE
+# RANDOM_LAYERS=N: the shape with N decoder layers only (quick checks that need the layer shapes, not the depth)
+[ -n "${RANDOM_LAYERS:-}" ] && CKPT=$CKPT-L$RANDOM_LAYERS
 
 stage_tests() {
   stage_engine_tests
@@ -72,7 +74,8 @@ stage_mixed() {
 }
 
 random_checkpoint() {
-  [ -d $CKPT ] || $PY scripts/make_random_checkpoint.py --shape $SHAPE --device $DEVICE --out $CKPT | tail -n 2
+  [ -d $CKPT ] || $PY scripts/make_random_checkpoint.py --shape $SHAPE --device $DEVICE --out $CKPT \
+    ${RANDOM_LAYERS:+--num-layers $RANDOM_LAYERS} | tail -n 2
 }
 
 serving_env() {
@@ -139,7 +142,7 @@ served_repo() {
   # SERVE_DTYPE=float32 serves the same (bf16-drawn) weights in fp32: the soak's solo comparison then sees no
   # bf16 rounding of batched-vs-alone kernels
   local dtype=${SERVE_DTYPE:-$DTYPE}
-  REPO=/tmp/repo-$SHAPE-$dtype
+  REPO=/tmp/repo-$(basename $CKPT)-$dtype
   random_checkpoint
   client_wheel || return 1
   [ -f $REPO/ensemble/config.pbtxt ] && return 0
@@ -186,11 +189,14 @@ stage_triton() {
 stage_soak() {
   # issue #20's soak on the served repository: SOAK_N streams at SOAK_C concurrent with 20% cancelled by their clients,
   # then SOAK_N with none; each must pass builder.soak's checks with the server still alive afterwards
+  echo "$(date +%T) soak: repository"
   served_repo || return 1
   serving_env || return 1
+  echo "$(date +%T) soak: starting the server on $REPO"
   start_server $OUT/server-soak.log || return 1
   local rc=0 cancel
   for cancel in 0.2 0; do
+    echo "$(date +%T) soak: cancel $cancel"
     $PY scripts/soak.py --url localhost:18001 --metrics-url http://localhost:18002/metrics \
       --requests ${SOAK_N:-1000} --concurrency ${SOAK_C:-$C_SOAK} --sample ${SOAK_SAMPLE:-16} --cancel $cancel --out "$OUT/soak-$cancel.json" \
       || rc=1

@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from builder.client import ensemble_inputs
 from builder.errors import ConfigError, ServerError
 from builder.workload import BenchRequest, WorkloadSpec, text_prompts
 
@@ -208,8 +209,6 @@ class StreamSlot:
 
 def request_inputs(request: BenchRequest, min_tokens: bool) -> list:
     """The ensemble request tensors for one benchmark request (genai-perf's tensorrtllm payload)."""
-    from builder.client import ensemble_inputs
-
     extra = {"min_tokens": request.output_len} if min_tokens else {}
     return ensemble_inputs(request.text, request.output_len, True, exclude_input_in_output=True, **extra)
 

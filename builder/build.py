@@ -25,7 +25,7 @@ from builder.checkpoint.convert import check_quant_options, convert_checkpoint, 
 from builder.checkpoint.hf import HFCheckpoint, check_tokenizer_files, checkpoint_roots, copy_tokenizer
 from builder.config import BUILD_CONFIG, BuildSettings, EngineConfig, QuantOptions
 from builder.errors import BuilderError, ConfigError, OutputExistsError, OutputPathError
-from builder.quantize.accuracy import EvalOptions, check_eval_options, evaluate_build
+from builder.accuracy import EvalOptions, check_eval_options, evaluate_build
 from builder.repo.render import MODELS, ServingOptions, render_repository
 from builder.repo.trtllm_backend import build_trtllm_target, precheck_backend
 from builder.repo.validate import validate_repository

@@ -126,7 +126,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     """Run `builder build`."""
     from builder.build import BuildOptions, build
     from builder.config import QuantOptions
-    from builder.quantize.accuracy import EvalOptions, read_report
+    from builder.accuracy import EvalOptions, read_report
     from builder.repo.render import ServingOptions
 
     settings = BuildSettings(dtype=args.dtype, max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,

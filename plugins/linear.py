@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from builder.quantize.weight_only import dequantize_int4_groupwise
+from plugins.formats import dequantize_int4_groupwise
 from plugins import reference
 
 GPU_DTYPES = (torch.float16, torch.bfloat16)  # dtypes the GPU kernels serve; float32 runs the reference ops

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from builder.quantize.fp8 import to_fp8
-from builder.quantize.kv_cache import dequantize_kv, quantize_kv
+from plugins.formats import dequantize_kv, quantize_kv, to_fp8
 from plugins.metadata import AttentionMetadata
 
 KV_ALGOS = {torch.int8: "INT8", torch.float8_e4m3fn: "FP8"}  # quantized cache dtype -> kv_cache_quant_algo

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     from builder.checkpoint.convert import convert_checkpoint
     from builder.checkpoint.reference import heldout_text, reference_model_dir
     from builder.config import BuildSettings, QuantOptions
-    from builder.quantize.accuracy import evaluate, tokenize
+    from builder.accuracy import evaluate, tokenize
 
     names = [n for n in args.configs.split(",") if n]
     unknown = [n for n in names if n not in CONFIGS]

@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from builder.checkpoint.safetensors_io import TORCH_DTYPES, write_streaming  # noqa: E402
+from builder.checkpoint.safetensors_io import write_streaming  # noqa: E402
+from plugins.formats import TORCH_DTYPES  # noqa: E402
 
 SHAPES = {
     "llama3-8b": dict(vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,

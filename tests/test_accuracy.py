@@ -14,7 +14,7 @@ from builder.checkpoint.convert import convert_checkpoint
 from builder.checkpoint.reference import heldout_perplexity, heldout_text, load_reference, reference_model_dir
 from builder.config import BuildSettings
 from builder.errors import BuilderError, RequestError
-from builder.quantize.accuracy import (AccuracyGateError, AccuracyReport, check_ppl_increase, compare_logits,
+from builder.accuracy import (AccuracyGateError, AccuracyReport, check_ppl_increase, compare_logits,
                                        evaluate, read_report, token_windows, tokenize, write_report)
 from builder.runtime import LLMEngine, SamplingParams
 
@@ -73,7 +73,7 @@ def test_score_rejects_bad_prompts(tiny):
 
 
 def test_reference_perplexity_equals_transformers(reference_engine, monkeypatch):
-    from builder.quantize.accuracy import _LogitStore
+    from builder.accuracy import _LogitStore
 
     monkeypatch.setattr(_LogitStore, "RAM_LIMIT", 0)  # the reference logits go through the temp file
     report = evaluate(reference_engine, reference_engine, heldout_text(), max_tokens=EVAL_TOKENS,
@@ -166,7 +166,7 @@ def test_report_round_trips(tmp_path):
 def build_reference(output: Path, quant: str, **evaluation):
     from builder.build import BuildOptions, build
     from builder.config import QuantOptions
-    from builder.quantize.accuracy import EvalOptions
+    from builder.accuracy import EvalOptions
 
     settings = BuildSettings(max_seq_len=256, max_input_len=256, max_num_tokens=512, kv_cache_memory_mb=4)
     return build(BuildOptions(output=output, model=str(reference_model_dir()), settings=settings,
@@ -197,7 +197,7 @@ def test_gate_fails_the_build_with_one_line_and_no_output(tmp_path, capsys):
 def test_eval_options_are_checked_before_work(tmp_path):
     from builder.config import QuantConfig
     from builder.errors import ConfigError
-    from builder.quantize.accuracy import EvalOptions, check_eval_options, wants_eval
+    from builder.accuracy import EvalOptions, check_eval_options, wants_eval
 
     with pytest.raises(ConfigError, match="drop --eval off"):
         check_eval_options(EvalOptions(mode="off", max_ppl_increase=1.0))

@@ -21,9 +21,10 @@ else:
 pytest.importorskip("triton")
 
 from builder.quantize.awq import quantize_awq  # noqa: E402
-from builder.quantize.fp8 import quantize_fp8 as quantize_fp8_weight, to_fp8  # noqa: E402
-from builder.quantize.kv_cache import kv_cache_scale, quantize_kv  # noqa: E402
-from builder.quantize.weight_only import unpack_int4, weight_only_quantize  # noqa: E402
+from builder.quantize.fp8 import quantize_fp8 as quantize_fp8_weight  # noqa: E402
+from builder.quantize.kv_cache import kv_cache_scale  # noqa: E402
+from builder.quantize.weight_only import weight_only_quantize  # noqa: E402
+from plugins.formats import quantize_kv, to_fp8, unpack_int4  # noqa: E402
 from plugins import gpu, reference  # noqa: E402
 from plugins.metadata import AttentionMetadata  # noqa: E402
 

@@ -21,7 +21,7 @@ from builder.checkpoint.trtllm import model_config_from_hf
 from builder.config import BuildSettings, EngineConfig, QuantConfig, QuantOptions
 from builder.errors import ConfigError
 from builder.quantize import collect_activation_stats, weight_only_quantize
-from builder.quantize.accuracy import EvalOptions
+from builder.accuracy import EvalOptions
 from builder.quantize.layerwise import calibrate, calibration_tokens
 from builder.runtime import LLMEngine, SamplingParams
 

@@ -10,10 +10,11 @@ import torch
 from builder.config import QuantConfig
 from builder.errors import ConfigError
 from builder.quantize import (ActivationStats, awq_search, calibration_batches, check_group_divisible,
-                              collect_activation_stats, dequantize_kv, dequantize_linear, fp8_linear_reference,
-                              is_excluded, kv_cache_scale, linear_quant_algo, load_calibration_text, pack_int4,
-                              quantize_awq, quantize_kv, quantize_linear, reference_linear, resolve_quant_config,
-                              rope_safe_amax, tensor_amax, unpack_int4, weight_only_quantize)
+                              collect_activation_stats, dequantize_linear, fp8_linear_reference, is_excluded,
+                              kv_cache_scale, linear_quant_algo, load_calibration_text, pack_int4, quantize_awq,
+                              quantize_linear, reference_linear, resolve_quant_config, rope_safe_amax, tensor_amax,
+                              weight_only_quantize)
+from plugins.formats import dequantize_kv, quantize_kv, unpack_int4
 from builder.quantize.awq import dequantize_awq
 
 FP16 = torch.float16

@@ -10,7 +10,7 @@ from triton_helpers import engine_inputs, ensemble_inputs, run_stream
 from builder.build import BuildOptions, build
 from builder.checkpoint.reference import reference_model_dir
 from builder.config import BuildSettings, QuantOptions
-from builder.quantize.accuracy import EvalOptions
+from builder.accuracy import EvalOptions
 from builder.serve import TritonServer, free_port
 
 pytestmark = pytest.mark.server

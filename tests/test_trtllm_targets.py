@@ -312,7 +312,7 @@ def _dequantized(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The float32 weights an HF export stands for (reference math of each ModelOpt-unified layout)."""
     from safetensors.torch import load_file
 
-    from builder.quantize.weight_only import unpack_int4
+    from plugins.formats import unpack_int4
 
     raw = load_file(checkpoint / "model.safetensors")
     out = {}

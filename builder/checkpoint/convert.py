@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import Progress, track
 
 from builder.checkpoint.hf import HFCheckpoint, staged_tokenizer
-from builder.checkpoint.safetensors_io import TORCH_DTYPES, write_streaming
+from builder.checkpoint.safetensors_io import write_streaming
 from builder.checkpoint.shard import read_shard, split_for_rank, validate_tp
 from builder.checkpoint.trtllm import (KV_SCALE_SUFFIX, TensorSpec, WeightSpec, hf_dtype, model_config_from_hf,
                                        plan_weights, rank_layout)
@@ -24,6 +24,7 @@ from builder.quantize.layerwise import Calibration, calibrate, calibration_token
 from builder.quantize.linear import quantize_linear
 from builder.quantize.modes import (CALIBRATED_ALGOS, linear_quant_algo, needs_calibration, resolve_quant_config,
                                     validate_model_quantization)
+from plugins.formats import TORCH_DTYPES
 
 ST_TO_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 

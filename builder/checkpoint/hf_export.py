@@ -31,15 +31,23 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from builder import __version__
+from builder.checkpoint.convert import plan_checkpoint
 from builder.checkpoint.hf import HFCheckpoint, copy_tokenizer, staged_tokenizer
 from builder.checkpoint.safetensors_io import write_streaming
+from builder.checkpoint.shard import validate_tp
 from builder.checkpoint.trtllm import IGNORED_SUFFIXES
-from builder.config import BuildSettings, EngineConfig, Mapping, ModelConfig, QuantConfig
+from builder.config import BuildSettings, EngineConfig, Mapping, ModelConfig, QuantConfig, QuantOptions
 from builder.errors import ConfigError
+from builder.quantize.awq import quantize_awq
+from builder.quantize.fp8 import fp8_scale, quantize_fp8
+from builder.quantize.layerwise import calibrate, calibration_tokens
+from builder.quantize.modes import (DEFAULT_GROUP_SIZE, linear_quant_algo, needs_calibration,
+                                    validate_model_quantization)
+from plugins.formats import TORCH_DTYPES
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 WEIGHTS_FILE = "model.safetensors"
-MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FP8_MAX = 448.0
 INT8_WO_MAX = 127.0  # ModelOpt's int8 weight-only bound (TensorRT-LLM's own build-time quantizer uses 128)
 
@@ -69,8 +77,6 @@ def exported_quant_config(quant: QuantConfig) -> QuantConfig:
     """What the HF checkpoint declares: W4A16 (per channel) has no unified-format spelling, so int4_wo is written as
     ModelOpt writes its INT4 blockwise weight-only export: W4A16_AWQ, group 128, without pre-quant scale tensors."""
     if quant.quant_algo == "W4A16":
-        from builder.quantize.modes import DEFAULT_GROUP_SIZE
-
         return replace(quant, quant_algo="W4A16_AWQ", group_size=DEFAULT_GROUP_SIZE, pre_quant_scale=True)
     return quant
 
@@ -112,8 +118,6 @@ def int8_weight_only(weight: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def excluded_hf_modules(cfg: ModelConfig, quant: QuantConfig) -> list[str]:
     """HF module names kept unquantized (ModelOpt lists the embedding and lm_head, then any excluded linears)."""
-    from builder.quantize.modes import linear_quant_algo
-
     names = ["lm_head", "model.embed_tokens"]
     if quant.quant_algo is None:
         return names
@@ -133,8 +137,6 @@ class _Layout:
     """Which HF tensor becomes which output tensors, decided from the config before any tensor is read."""
 
     def __init__(self, ckpt: HFCheckpoint, cfg: ModelConfig, dtype: torch.dtype):
-        from builder.quantize.modes import linear_quant_algo
-
         self.ckpt, self.cfg, self.dtype, self.quant = ckpt, cfg, dtype, cfg.quantization
         self.algo: dict[str, tuple[int, str, str | None]] = {}  # HF weight name -> (layer, module, algo)
         for layer in range(cfg.num_hidden_layers):
@@ -183,9 +185,6 @@ class _Layout:
 
 def _produce(layout: _Layout, name: str, calib) -> Iterator[tuple[str, torch.Tensor]]:
     """The output tensors of HF tensor `name`, in the order of layout.entries(name)."""
-    from builder.quantize.awq import quantize_awq
-    from builder.quantize.fp8 import fp8_scale, quantize_fp8
-
     quant, dtype = layout.quant, layout.dtype
     tensor = layout.ckpt.get(name).to(dtype)
     kv = None
@@ -230,13 +229,9 @@ def _produce(layout: _Layout, name: str, calib) -> Iterator[tuple[str, torch.Ten
 
 def _default_calibrate(quant_options, max_len: int) -> Calibrate:
     """Layer-by-layer calibration of builder.quantize.layerwise on --calib-data (the same as the TensorRT-LLM path)."""
-    from builder.config import QuantOptions
-
     options = quant_options or QuantOptions()
 
     def run(ckpt: HFCheckpoint, cfg: ModelConfig):
-        from builder.quantize.layerwise import calibrate, calibration_tokens
-
         with staged_tokenizer(ckpt.dir) as tokenizer_dir:
             tokens = calibration_tokens(tokenizer_dir, options.calib_data, options.calib_size, options.calib_seq_len,
                                         max_len)
@@ -253,10 +248,6 @@ def export_hf_checkpoint(hf_dir: Path, out_dir: Path, settings: BuildSettings, t
     shard to at load time; the files themselves are not sharded). `calibrate(ckpt, cfg)` supplies the statistics of
     AWQ, FP8 and the FP8 KV cache (default: builder.quantize.layerwise on quant_options' calibration text).
     """
-    from builder.checkpoint.convert import plan_checkpoint
-    from builder.checkpoint.shard import validate_tp
-    from builder.quantize.modes import needs_calibration, validate_model_quantization
-
     settings.validate()
     quant = quant_config or QuantConfig()
     check_pytorch_quantization(quant)
@@ -276,12 +267,10 @@ def export_hf_checkpoint(hf_dir: Path, out_dir: Path, settings: BuildSettings, t
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     copy_tokenizer(hf_dir, out_dir)  # also copies config.json / generation_config.json, rewritten below
-    layout = _Layout(ckpt, cfg, MODEL_DTYPES[dtype_name])
+    layout = _Layout(ckpt, cfg, TORCH_DTYPES[dtype_name])
     names = [n for n in ckpt.names() if not n.endswith(IGNORED_SUFFIXES)]
     entries = [entry for name in names for entry in layout.entries(name)]
     write_streaming(out_dir / WEIGHTS_FILE, entries, (t for name in names for t in _produce(layout, name, calib)))
-    from builder import __version__
-
     producer = {"name": "builder", "version": __version__}
     config = dict(ckpt.config)
     config["dtype"] = config["torch_dtype"] = dtype_name  # transformers >= 4.56 reads dtype, older torch_dtype

@@ -14,7 +14,6 @@ from builder.errors import CheckpointError
 
 ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
              torch.uint8: "U8", torch.float8_e4m3fn: "F8_E4M3"}
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def build_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> bytes:

@@ -8,8 +8,11 @@ from typing import Any
 
 import torch
 
+from builder.checkpoint.shard import shard_shape
 from builder.config import DTYPES, Mapping, ModelConfig, QuantConfig
 from builder.errors import CheckpointError
+from builder.quantize.modes import linear_quant_algo
+from plugins.formats import TORCH_DTYPES
 
 # HF per-layer suffix -> TRT-LLM per-layer suffix (q/k/v are fused separately into attention.qkv).
 LAYER_NAMES = {
@@ -293,7 +296,6 @@ def _shape_fields(cfg: ModelConfig, name: str) -> str:
 # ---- per-rank checkpoint layout (quantization included) -----------------------------------------------------------
 
 KV_SCALE_SUFFIX = "attention.kv_cache_scaling_factor"
-MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -334,10 +336,7 @@ def rank_layout(cfg: ModelConfig, full_shapes: dict[str, tuple[int, ...]], tp: i
     The layout is the same on every rank. Quantized linears follow cfg.quantization (exclude_modules honoured);
     with a quantized KV cache each layer also holds `attention.kv_cache_scaling_factor` fp32 [1].
     """
-    from builder.checkpoint.shard import shard_shape
-    from builder.quantize.modes import linear_quant_algo
-
-    quant, dtype = cfg.quantization, MODEL_DTYPES[cfg.dtype]
+    quant, dtype = cfg.quantization, TORCH_DTYPES[cfg.dtype]
     specs = []
     for name, shape in full_shapes.items():
         module, suffix = name.rsplit(".", 1)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from builder.errors import ConfigError
-from builder.quantize.weight_only import (clipped_groupwise_scales, dequantize_int4_groupwise,
-                                          fake_quantize_int4_groupwise, pack_int4, quantize_int4_groupwise,
-                                          unpack_int4)
+from builder.quantize.weight_only import (clipped_groupwise_scales, fake_quantize_int4_groupwise, pack_int4,
+                                          quantize_int4_groupwise)
+from plugins.formats import dequantize_int4_groupwise, unpack_int4
 
 SCALE_CLAMP = (1e-4, 1e4)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from builder.errors import ConfigError
+from builder.quantize.kv_cache import rope_safe_amax
 
 # The bundled calibration text is the checkpoint package's original prose corpus (also shipped as package data).
 DEFAULT_CALIB_FILE = Path(__file__).resolve().parent.parent / "checkpoint" / "data" / "corpus.txt"
@@ -110,8 +111,6 @@ def _input_hook(item: ActivationStats, chunks: list[torch.Tensor], per_batch: in
 
 def _output_hook(item: ActivationStats, head_size: int | None) -> Callable:
     """Forward hook that folds one call's output amax (and RoPE-safe amax) into item."""
-    from builder.quantize.kv_cache import rope_safe_amax
-
     def hook(_module: torch.nn.Module, _args: tuple, output: torch.Tensor) -> None:
         y = output.detach().float()
         item.output_amax = max(item.output_amax or 0.0, float(y.abs().max()) if y.numel() else 0.0)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import torch
 
 from builder.errors import ConfigError
-
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
+from plugins.formats import FP8_MAX, to_fp8
 
 
 def tensor_amax(*tensors: torch.Tensor) -> float:
@@ -22,11 +20,6 @@ def fp8_scale(amax: float) -> torch.Tensor:
     if amax < 0 or amax != amax:
         raise ConfigError(f"amax must be a finite value >= 0, got {amax}")
     return torch.tensor([amax / FP8_MAX if amax > 0 else 1.0], dtype=torch.float32)
-
-
-def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x / scale saturated to +-448 and rounded to float8_e4m3fn."""
-    return (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def quantize_fp8(weight: torch.Tensor, activation_amax: float,

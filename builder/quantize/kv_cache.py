@@ -1,13 +1,11 @@
-"""KV-cache quantization: the per-layer `attention.kv_cache_scaling_factor` and reference (de)quantizers."""
+"""KV-cache quantization: the per-layer `attention.kv_cache_scaling_factor` (the cache's codec is plugins.formats)."""
 
 from __future__ import annotations
 
 import torch
 
 from builder.errors import ConfigError
-from builder.quantize.fp8 import FP8_DTYPE, FP8_MAX
-
-INT8_MAX = 127.0
+from plugins.formats import FP8_MAX, INT8_MAX
 KV_SCALE_NAME = "kv_cache_scaling_factor"  # full name: transformer.layers.{i}.attention.kv_cache_scaling_factor
 
 
@@ -34,18 +32,3 @@ def rope_safe_amax(k: torch.Tensor, head_size: int) -> float:
     half = head_size // 2
     pair_norm = torch.sqrt(heads[..., :half] ** 2 + heads[..., half:] ** 2)
     return float(pair_norm.max()) if pair_norm.numel() else 0.0
-
-
-def quantize_kv(x: torch.Tensor, scale: torch.Tensor, algo: str) -> torch.Tensor:
-    """K or V values -> int8 (round to nearest even, saturate) or float8_e4m3fn (saturate), divided by scale."""
-    y = x.float() / scale.float()
-    if algo == "INT8":
-        return torch.round(y).clamp(-128, 127).to(torch.int8)
-    if algo == "FP8":
-        return y.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    raise ConfigError(f"kv cache algo {algo!r} is not supported; use INT8 or FP8")
-
-
-def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Cached int8/e4m3 values times the scale, in dtype."""
-    return (q.float() * scale.float()).to(dtype)

@@ -24,8 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import plugins
 from builder.config import ModelConfig
 from builder.errors import ConfigError
+from builder.layers.rotary import rope_tables
 from builder.quantize.awq import awq_search
 from builder.quantize.calibrate import ActivationStats, calibration_batches, load_calibration_text
 from builder.quantize.fp8 import tensor_amax
@@ -134,8 +136,6 @@ def calibrate(ckpt, cfg: ModelConfig, tokens: torch.Tensor, max_samples: int = M
     cfg is the engine's ModelConfig (dtype and cfg.quantization decide what is computed). progress(layer) is
     called after each layer.
     """
-    from builder.runtime.models.llama import rope_tables
-
     quant = cfg.quantization
     dtype = getattr(torch, cfg.dtype)
     awq = quant.quant_algo == "W4A16_AWQ"
@@ -205,8 +205,6 @@ def _load_layer(ckpt, layer: int, cfg: ModelConfig, dtype: torch.dtype) -> dict[
 def _layer_forward(h: torch.Tensor, w: dict[str, torch.Tensor], cfg: ModelConfig, cos: torch.Tensor,
                    sin: torch.Tensor, acc: dict[str, _InputStats], result: LayerCalibration) -> torch.Tensor:
     """One HF decoder layer on h [b, L, H] (float32), folding the linear inputs and K/V into the statistics."""
-    import plugins
-
     b, seq_len, hidden_size = h.shape
     nq, nkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
     eps = cfg.norm_epsilon

@@ -14,7 +14,8 @@ from builder.errors import ConfigError
 from builder.quantize.awq import dequantize_awq, quantize_awq
 from builder.quantize.calibrate import ActivationStats
 from builder.quantize.fp8 import dequantize_fp8, fp8_linear_reference, quantize_fp8
-from builder.quantize.weight_only import weight_only_bits, weight_only_dequantize, weight_only_quantize
+from builder.quantize.weight_only import weight_only_bits, weight_only_quantize
+from plugins.formats import weight_only_dequantize
 
 LINEAR_ALGOS = (None, "W8A16", "W4A16", "W4A16_AWQ", "FP8")
 

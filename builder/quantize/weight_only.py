@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 
 from builder.errors import ConfigError
-
-INT4_MIN, INT4_MAX = -8, 7
+from plugins.formats import INT4_MAX, INT4_MIN, expand_groups
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Pack int4 values [out, in] (int8 in [-8, 7]) into int8 [out/2, in]: row 2r low nibble, row 2r+1 high."""
+    """Pack int4 values [out, in] (int8 in [-8, 7]) into int8 [out/2, in]: row 2r low nibble, row 2r+1 high
+    (plugins.formats.unpack_int4 is the inverse)."""
     if q.dim() != 2 or q.shape[0] % 2:
         raise ConfigError(f"int4 packing needs a 2-D tensor with an even number of rows, got {tuple(q.shape)}")
     q = q.to(torch.int16)
@@ -26,14 +26,6 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return torch.where(packed > 127, packed - 256, packed).to(torch.int8)
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of pack_int4: int8 [out/2, in] -> signed int4 values as int8 [out, in]."""
-    p = packed.to(torch.int16) & 0xFF
-    low, high = p & 0x0F, p >> 4
-    low = torch.where(low > 7, low - 16, low)
-    high = torch.where(high > 7, high - 16, high)
-    out = torch.stack((low, high), dim=1).reshape(packed.shape[0] * 2, packed.shape[1])
-    return out.to(torch.int8)
 
 
 def groupwise_scales(weight: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -85,13 +77,10 @@ def _group_error(w: torch.Tensor, scales: torch.Tensor, cw: torch.Tensor | None)
 
 def quantize_int4_groupwise(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Quantize [out, in] with fp32 [out, in/g] scales to int4 values (int8 [out, in], unpacked)."""
-    expanded = _expand_groups(scales, weight.shape[1])
+    expanded = expand_groups(scales, weight.shape[1])
     return torch.round(weight.float() / expanded).clamp(INT4_MIN, INT4_MAX).to(torch.int8)
 
 
-def dequantize_int4_groupwise(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Unpacked int4 values [out, in] times their group scales -> float32 [out, in]."""
-    return q.float() * _expand_groups(scales.float(), q.shape[1])
 
 
 def fake_quantize_int4_groupwise(weight: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -108,9 +97,6 @@ def fake_quantize_int4_groupwise(weight: torch.Tensor, group_size: int) -> torch
     return (torch.round(w / scales).clamp(INT4_MIN, INT4_MAX) * scales).reshape(out_features, in_features)
 
 
-def _expand_groups(scales: torch.Tensor, in_features: int) -> torch.Tensor:
-    """Repeat [out, in/g] group scales to [out, in]."""
-    return scales.repeat_interleave(in_features // scales.shape[1], dim=1)
 
 
 def weight_only_bits(algo: str) -> int:
@@ -135,8 +121,3 @@ def weight_only_quantize(weight: torch.Tensor, bits: int, scale_dtype: torch.dty
     q = torch.sign(x) * torch.floor(x.abs() + 0.5)  # C round(): half away from zero
     q = torch.where(scale[:, None] == 0, torch.zeros_like(q), q)
     return q.clamp(-qmax, qmax - 1).to(torch.int8), scale.to(scale_dtype)
-
-
-def weight_only_dequantize(q: torch.Tensor, per_channel_scale: torch.Tensor) -> torch.Tensor:
-    """Int values [out, in] times the per-channel scale [out] -> float32 [out, in]."""
-    return q.float() * per_channel_scale.float()[:, None]

@@ -18,7 +18,9 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from builder.config import EngineConfig
+from builder.checkpoint.convert import check_quant_options, convert_checkpoint
+from builder.checkpoint.hf_export import check_pytorch_quantization, export_hf_checkpoint
+from builder.config import ENGINE_BACKENDS, EngineConfig
 from builder.errors import ConfigError, OutputExistsError
 from builder.repo.render import (TEMPLATES_DIR, TOKENIZER_SUBDIR, VERSION, ServingOptions, _copy_tokenizer, _flag,
                                  load_pipeline, make_environment, pipeline_for_engine, render_context,
@@ -191,8 +193,6 @@ def build_trtllm_target(options, hf_dir: Path, staging: Path, settings, final_re
 
     evaluate(checkpoint_dir, config), when given, measures a TensorRT-LLM checkpoint of these quantized weights with
     builder's runtime (the accuracy report and --max-ppl-increase gate) before anything is rendered."""
-    from builder.checkpoint.convert import check_quant_options, convert_checkpoint
-
     repo = staging / "repository"
     if options.backend == "tensorrtllm":
         engine_config = convert_checkpoint(hf_dir, staging / "engine", settings, tp_size=options.tp_size,
@@ -203,8 +203,6 @@ def build_trtllm_target(options, hf_dir: Path, staging: Path, settings, final_re
                                       options.serving)
         return engine_config
     if options.backend == "trtllm-pytorch":
-        from builder.checkpoint.hf_export import export_hf_checkpoint
-
         if evaluate is not None:  # the HF export holds the same quantized values as this TensorRT-LLM checkpoint
             checkpoint = staging / "eval-checkpoint"
             evaluate(checkpoint, convert_checkpoint(hf_dir, checkpoint, settings, tp_size=options.tp_size,
@@ -220,12 +218,7 @@ def build_trtllm_target(options, hf_dir: Path, staging: Path, settings, final_re
 
 def precheck_backend(options) -> None:
     """Refuse, before any work, a backend name or a quantization the chosen backend cannot serve."""
-    from builder.config import ENGINE_BACKENDS
-
     if options.backend not in ENGINE_BACKENDS:
         raise ConfigError(f"--backend {options.backend!r} is not supported; choose one of {', '.join(ENGINE_BACKENDS)}")
     if options.backend == "trtllm-pytorch":
-        from builder.checkpoint.convert import check_quant_options
-        from builder.checkpoint.hf_export import check_pytorch_quantization
-
         check_pytorch_quantization(check_quant_options(options.quant))

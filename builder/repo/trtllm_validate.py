@@ -15,6 +15,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from builder.checkpoint.safetensors_io import ST_DTYPES
+from builder.checkpoint.trtllm import expected_weights, rank_layout
+from builder.config import ModelConfig
+from builder.errors import BuilderError
+
 ENGINE_SUBDIR, CHECKPOINT_SUBDIR = ("1", "engine"), ("1", "checkpoint")
 
 # Keys the C++ backend reads from `parameters` (triton-contract.md section 2.4), by the parser each goes through.
@@ -224,11 +229,6 @@ def check_trtllm_checkpoint(path: Path) -> list[str]:
 
 def _check_rank_tensors(path: Path, data: dict, world_size: int) -> list[str]:
     """Every rank file holds exactly the tensors (names, dtypes, shapes) that the config describes."""
-    from builder.checkpoint.safetensors_io import ST_DTYPES
-    from builder.checkpoint.trtllm import expected_weights, rank_layout
-    from builder.config import ModelConfig
-    from builder.errors import BuilderError
-
     try:
         cfg = ModelConfig.from_dict(data)
         layout = rank_layout(cfg, expected_weights(cfg), int(data["mapping"]["tp_size"]))

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from builder.config import EngineConfig
 from builder.errors import BuilderError, ConfigError
 
 TIMEOUT_ENV = "BUILDER_TP_TIMEOUT_S"  # collectives, rendezvous and worker start-up (seconds)
@@ -290,7 +291,6 @@ def _worker_main(rank: int, world_size: int, port: int, engine_dir: str, device:
                  timeout: float, graph_batch_size: int = 0) -> None:
     """Worker rank: join the group, load rank{rank}.safetensors, then run every step rank 0 sends until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it stops us through the pipe
-    from builder.config import EngineConfig
     from builder.runtime.model_runner import ModelRunner
 
     try:

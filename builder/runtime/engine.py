@@ -13,7 +13,7 @@ import torch
 from builder.config import EngineConfig
 from builder.errors import BuilderError, ConfigError, RequestError
 from builder.runtime.block_manager import BlockManager
-from builder.runtime.distributed import rank_device
+from builder.runtime.distributed import WorkerGroup, rank_device
 from builder.runtime.model_runner import ModelRunner, StepInput, gpu_kv_cache_mb, num_kv_blocks
 from builder.runtime.sampler import Sampler
 from builder.runtime.sampling_params import SamplingParams
@@ -84,8 +84,6 @@ class LLMEngine:
         graph_batch = self.max_batch_size if cuda_graphs else 0
         self._finalizer: weakref.finalize | None = None
         if self.tp_size > 1:
-            from builder.runtime.distributed import WorkerGroup
-
             self._workers = WorkerGroup.start(Path(engine_dir), self.device, num_blocks, self.tp_size, graph_batch)
             self._finalizer = weakref.finalize(self, self._workers.close)  # runs at exit if close() was not called
             self.device = self._workers.device
@@ -178,7 +176,7 @@ class LLMEngine:
 
         Runs on an idle engine: the prompts are prefilled through the same paged-KV forward pass as generation
         (several per step, long ones in chunks of max_num_tokens), nothing is sampled and the KV blocks are freed
-        afterwards. Each prompt must fit max_seq_len and the KV pool. Used by builder.quantize.accuracy.
+        afterwards. Each prompt must fit max_seq_len and the KV pool. Used by builder.accuracy.
         """
         self._check_open()
         if self.has_unfinished():

@@ -19,6 +19,7 @@ from builder.runtime.models.llama import LlamaModel
 from builder.runtime.scheduler import SchedulerOutput
 from builder.runtime.weights import expected_layout, load_weights, torch_dtype
 from plugins import AttentionMetadata, uses_gpu_kernels
+from plugins.formats import KV_CACHE_DTYPES
 
 if TYPE_CHECKING:
     from builder.runtime.distributed import TensorParallel
@@ -37,7 +38,6 @@ class StepInput:
     last_rows: list[int]           # rows whose logits are sampled, in chunk order
 
 
-KV_CACHE_DTYPES = {"INT8": torch.int8, "FP8": torch.float8_e4m3fn}  # kv_cache_quant_algo -> cache dtype
 GPU_HEADROOM_BYTES = 3 * 2**30  # activations, logits, CUDA graphs and allocator slack beside weights + KV pool
 
 

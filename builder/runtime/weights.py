@@ -11,8 +11,8 @@ from builder.checkpoint.trtllm import TensorSpec, expected_weights, rank_layout
 from builder.config import ModelConfig
 from builder.errors import ConfigError
 from builder.quantize.modes import validate_model_quantization
+from plugins.formats import TORCH_DTYPES
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def torch_dtype(name: str) -> torch.dtype:

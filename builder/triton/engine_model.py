@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.errors import BuilderError, RequestError
+from builder.runtime.engine import LLMEngine
 from builder.triton.cancel_watch import CancelWatcher
 from builder.triton.stop_channel import StopListener
 from builder.triton.streamer import ResponseStreamer, Stream
@@ -217,8 +218,6 @@ class TritonPythonModel:
     def load_engine(self, engine_dir: Path, params: dict[str, str]) -> Any:
         """The runtime engine for engine_dir: device and KV pool from the parameters (kv_cache_memory_mb on CPU,
         kv_cache_free_gpu_mem_fraction on CUDA, as in TensorRT-LLM's backend)."""
-        from builder.runtime.engine import LLMEngine
-
         device = params.get("device") or "cpu"
         kv_mb, fraction = params.get("kv_cache_memory_mb"), params.get("kv_cache_free_gpu_mem_fraction")
         if device.startswith("cuda"):

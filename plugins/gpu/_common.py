@@ -34,3 +34,15 @@ def next_pow2(n: int) -> int:
 def cdiv(a: int, b: int) -> int:
     """Ceiling division."""
     return -(-a // b)
+
+
+def check_attention_shapes(q: torch.Tensor, k_cache: torch.Tensor) -> None:
+    """The attention kernels' shape rules: head_size a power of two >= 16, query heads a multiple of KV heads, a
+    contiguous head_size dim in the cache."""
+    d = q.shape[-1]
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"head_size {d} is not a power of two >= 16")
+    if q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k_cache.shape[2]} KV heads")
+    if k_cache.stride(-1) != 1:
+        raise ValueError("KV cache needs a contiguous head_size dim")

@@ -92,7 +92,7 @@ def _fp8_kernel(a_ptr, w_ptr, in_s_ptr, w_s_ptr, bias_ptr, c_ptr, M, N, K, strid
 
 
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """e4m3(x / scale), saturated to +-448 (builder.quantize.fp8.to_fp8 on the device); x [..., K]."""
+    """e4m3(x / scale), saturated to +-448 (plugins.formats.to_fp8 on the device); x [..., K]."""
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()

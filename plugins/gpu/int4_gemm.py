@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from builder.quantize.weight_only import unpack_int4
+from plugins.formats import unpack_int4
 from plugins.gpu._common import cdiv, num_sms
 
 CHUNK = 128  # K values per packed chunk (two halves of 64)

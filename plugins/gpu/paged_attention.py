@@ -37,7 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from plugins.gpu._common import KV_QUANT, cdiv, next_pow2, num_sms
+from plugins.gpu._common import KV_QUANT, cdiv, check_attention_shapes, next_pow2, num_sms
+from plugins.gpu.prefill_attention import paged_prefill_attention
 from plugins.metadata import AttentionMetadata
 
 LOG2E = 1.4426950408889634
@@ -133,16 +134,6 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, de
     return max(1, min(want, cdiv(max_context_len, 2 * block_n), MAX_SPLITS))
 
 
-def _check(q: torch.Tensor, k_cache: torch.Tensor) -> None:
-    d = q.shape[-1]
-    if d < 16 or d & (d - 1):
-        raise ValueError(f"head_size {d} is not a power of two >= 16")
-    if q.shape[1] % k_cache.shape[2]:
-        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k_cache.shape[2]} KV heads")
-    if k_cache.stride(-1) != 1:
-        raise ValueError("KV cache needs a contiguous head_size dim")
-
-
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            kv_scale: torch.Tensor | None = None, num_splits: int | None = None,
@@ -152,7 +143,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """Attention of one query token per sequence over its paged KV; returns out [T, nq, d] in q's dtype.
 
     block_n: KV tokens per tile (default BLOCK_N; QUANT_BLOCK_N for an int8 / e4m3 cache)."""
-    _check(q, k_cache)
+    check_attention_shapes(q, k_cache)
     if q.stride(-1) != 1:
         q = q.contiguous()
     num_seqs, (tokens, n_q, d), n_kv, tpb = block_tables.shape[0], q.shape, k_cache.shape[2], k_cache.shape[1]
@@ -200,5 +191,4 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, kv_scale,
                                       num_splits=num_splits, max_context_len=max(meta.context_lens_host),
                                       query_start=meta.query_start)
-    from plugins.gpu.prefill_attention import paged_prefill_attention
     return paged_prefill_attention(q, k_cache, v_cache, meta, scale, kv_scale)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from plugins.gpu._common import KV_QUANT, cdiv
+from plugins.gpu._common import KV_QUANT, cdiv, check_attention_shapes
 from plugins.metadata import AttentionMetadata
 
 LOG2E = 1.4426950408889634
@@ -128,8 +128,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     """Causal attention of every query chunk over its sequence's paged KV; returns out [T, nq, d].
 
     config: (BLOCK_M, BLOCK_N, num_warps, num_stages), default by the longest query chunk."""
-    from plugins.gpu.paged_attention import _check
-    _check(q, k_cache)
+    check_attention_shapes(q, k_cache)
     if q.stride(-1) != 1:
         q = q.contiguous()
     tokens, n_q, d = q.shape

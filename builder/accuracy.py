@@ -24,14 +24,16 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 
+from builder.checkpoint.convert import convert_checkpoint
+from builder.checkpoint.reference import REFERENCE_DIR, heldout_text
+from builder.config import BuildSettings, EngineConfig, QuantConfig
 from builder.errors import BuilderError, ConfigError
-
-if TYPE_CHECKING:
-    from builder.config import BuildSettings, EngineConfig, QuantConfig
+from builder.runtime.engine import LLMEngine
+from builder.runtime.model_runner import kv_block_bytes
 
 DEFAULT_SEQ_LEN = 256      # the reference model's training length
 DEFAULT_BUILD_TOKENS = 8192  # tokens a build scores by default (--eval-tokens)
@@ -145,10 +147,6 @@ def token_windows(ids: Sequence[int], seq_len: int = DEFAULT_SEQ_LEN,
 
 def _open_engine(engine_dir: Path, device: str, seq_len: int):
     """An LLMEngine whose KV pool holds at least one window (score() waits for room otherwise)."""
-    from builder.config import EngineConfig
-    from builder.runtime.engine import LLMEngine
-    from builder.runtime.model_runner import kv_block_bytes
-
     config = EngineConfig.load(engine_dir)
     if seq_len > config.build.max_seq_len:
         raise ConfigError(f"evaluation window {seq_len} exceeds the engine's max_seq_len "
@@ -319,7 +317,7 @@ def check_eval_options(options: EvalOptions) -> None:
         eval_text(options)
 
 
-def wants_eval(options: EvalOptions, quantization: "QuantConfig") -> bool:
+def wants_eval(options: EvalOptions, quantization: QuantConfig) -> bool:
     """True when the build should measure accuracy (auto: a quantized engine, or a --max-ppl-increase gate)."""
     if options.mode != "auto":
         return options.mode == "on"
@@ -334,8 +332,6 @@ def eval_text(options: EvalOptions) -> tuple[str, str]:
     reference model's training data, and is ordinary English technical prose any tokenizer handles.
     """
     if options.eval_data is None:
-        from builder.checkpoint.reference import REFERENCE_DIR, heldout_text
-
         return heldout_text(), f"bundled held-out text ({(REFERENCE_DIR / 'heldout.txt').name})"
     path = Path(options.eval_data).expanduser()
     try:
@@ -359,15 +355,13 @@ def _eval_device(device: str, tp_size: int) -> str:
 
 
 def evaluate_build(options: EvalOptions, hf_dir: Path, tokenizer_dir: Path, engine_dir: Path,
-                   engine_config: "EngineConfig", settings: "BuildSettings", scratch: Path) -> AccuracyReport | None:
+                   engine_config: EngineConfig, settings: BuildSettings, scratch: Path) -> AccuracyReport | None:
     """Measure the just-converted engine against an unquantized tp-1 engine of the same dtype (converted into
     scratch and deleted), write engine_dir/accuracy.json and apply --max-ppl-increase (AccuracyGateError).
 
     Returns None when no evaluation was asked for (see wants_eval)."""
     if not wants_eval(options, engine_config.model.quantization):
         return None
-    from builder.checkpoint.convert import convert_checkpoint
-
     text, source = eval_text(options)
     reference_dir = Path(scratch) / "reference-engine"
     try:

@@ -25,17 +25,13 @@ from builder.checkpoint.convert import check_quant_options, convert_checkpoint, 
 from builder.checkpoint.hf import HFCheckpoint, check_tokenizer_files, checkpoint_roots, copy_tokenizer
 from builder.config import BUILD_CONFIG, BuildSettings, EngineConfig, QuantOptions
 from builder.errors import BuilderError, ConfigError, OutputExistsError, OutputPathError
+from builder.models import TINY_MODELS
 from builder.accuracy import EvalOptions, check_eval_options, evaluate_build
 from builder.repo.render import MODELS, ServingOptions, render_repository
 from builder.repo.trtllm_backend import build_trtllm_target, precheck_backend
 from builder.repo.validate import validate_repository
 from builder.trtllm_build import BUILD_LOG, BUILD_SCRIPT, CHECKPOINT_SUBDIR, ENGINE_MODEL, ENGINE_SUBDIR, LAUNCH_SCRIPT
 
-TINY_MODELS = {
-    "tiny-llama": "LlamaForCausalLM",
-    "tiny-mistral": "MistralForCausalLM",
-    "tiny-qwen2": "Qwen2ForCausalLM",
-}
 STAGING_MARK = "building"  # .NAME.building-OWNER-XXXXXXXX: a build in progress
 TRASH_MARK = "old"  # .NAME.old-OWNER-XXXXXXXX: a replaced repository being deleted
 SUFFIX_LEN = 8  # the random part mkdtemp / uuid adds after OWNER-
@@ -75,7 +71,7 @@ def resolve_model_dir(model: str, scratch: Path) -> Path:
     if model in TINY_MODELS:
         from builder.checkpoint.tiny import make_tiny_model  # transformers' model classes: only for tiny models
 
-        return make_tiny_model(scratch / model, architecture=TINY_MODELS[model])
+        return make_tiny_model(scratch / model, model)
     return local_model_dir(model)
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from builder.config import DTYPES, ENGINE_BACKENDS, BuildSettings
+from builder.models import DEFAULT_TINY, TINY_MODELS
 from builder.errors import BuilderError
 
 
@@ -15,7 +16,7 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     """Options of `builder build`."""
     p = sub.add_parser("build", help="HF checkpoint -> engine -> Triton model repository")
     p.add_argument("--model", default="tiny-llama",
-                   help="HF checkpoint folder, or a built-in model: tiny-llama (default), tiny-mistral, tiny-qwen2")
+                   help="HF checkpoint folder, or a built-in model: " + ", ".join(TINY_MODELS) + " (default tiny-llama)")
     p.add_argument("--output", required=True, type=Path, help="model repository folder to create")
     p.add_argument("--dtype", default="auto", choices=("auto",) + DTYPES,
                    help="weights/activations dtype; auto keeps the checkpoint's own")
@@ -100,8 +101,8 @@ def _add_tiny(sub: argparse._SubParsersAction) -> None:
     """Options of `builder tiny`."""
     p = sub.add_parser("tiny", help="write a built-in tiny HF checkpoint folder (for tests and demos)")
     p.add_argument("--output", required=True, type=Path)
-    p.add_argument("--architecture", default="LlamaForCausalLM",
-                   choices=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"))
+    p.add_argument("--model", default="tiny-llama", choices=[*TINY_MODELS, *DEFAULT_TINY],
+                   help="a built-in model, or an architecture for its default tiny model (default tiny-llama)")
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -186,8 +187,8 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     """Run `builder tiny`."""
     from builder.checkpoint.tiny import make_tiny_model
 
-    path = make_tiny_model(args.output, architecture=args.architecture)
-    print(f"wrote {args.architecture} checkpoint -> {path}")
+    path = make_tiny_model(args.output, args.model)
+    print(f"wrote {args.model} checkpoint -> {path}")
     return 0
 
 

@@ -16,7 +16,6 @@ from typing import Any
 
 from builder.errors import ConfigError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 DTYPES = ("float32", "float16", "bfloat16")  # the names of plugins.formats.TORCH_DTYPES (config stays torch-free)
 # `builder build --backend` targets (docs/deploy-tensorrt-llm.md): our portable runtime in Triton's python backend,
 # TensorRT-LLM 1.2.x's C++ `tensorrtllm` backend over a trtllm-build engine, TensorRT-LLM's PyTorch backend (llmapi).

@@ -12,6 +12,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# built-in variants of a registered architecture, served like one (builder.models.TINY_MODELS)
+VARIANTS = ("tiny-llama3.2",)
 
 
 @dataclass
@@ -32,11 +34,11 @@ class RunningServer:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """One tiny HF checkpoint folder per supported architecture."""
+    """One tiny HF checkpoint folder per supported architecture (its default tiny model) and per variant."""
     from builder.checkpoint.tiny import make_tiny_model
 
     root = tmp_path_factory.mktemp("hf")
-    return {arch: make_tiny_model(root / arch, architecture=arch) for arch in ARCHITECTURES}
+    return {name: make_tiny_model(root / name, name) for name in (*ARCHITECTURES, *VARIANTS)}
 
 
 def build_repo(hf_dir: Path, output: Path, tp_size: int = 1, **overrides) -> Path:

@@ -33,7 +33,7 @@ def tiny_llama(tmp_path_factory) -> Path:
     from transformers.utils import logging as hf_logging
 
     hf_logging.get_logger("transformers")  # its stderr handler binds now, not to one test's captured (then closed) stream
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", architecture="LlamaForCausalLM")
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "tiny-llama")
 
 
 @pytest.fixture()

@@ -237,3 +237,25 @@ def test_tokenizer_copy_and_missing(tmp_path, tiny):
     (hf / "tokenizer.json").write_text("{broken")
     with pytest.raises(TokenizerError, match="does not load"):
         check_tokenizer(hf)
+
+
+def test_tiny_llama32_is_tied_with_llama3_rope(tmp_path):
+    """tiny-llama3.2: no lm_head tensor (tied embeddings) and Llama 3.2's rope scaling, read back by the converter."""
+    from safetensors import safe_open
+
+    from builder.checkpoint.trtllm import model_config_from_hf
+
+    hf_dir = make_tiny_model(tmp_path / "t", "tiny-llama3.2")
+    names = set()
+    for shard in hf_dir.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            names |= set(f.keys())
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+    cfg = model_config_from_hf(json.loads((hf_dir / "config.json").read_text()), "float32")
+    assert cfg.tie_word_embeddings
+    assert cfg.rotary_scaling["rope_type"] == "llama3" and cfg.rotary_scaling["factor"] == 32.0
+
+
+def test_unknown_tiny_model_lists_the_registry(tmp_path):
+    with pytest.raises(UnsupportedArchitectureError, match="tiny-llama, tiny-mistral, tiny-qwen2, tiny-llama3.2"):
+        make_tiny_model(tmp_path / "x", "tiny-gpt2")

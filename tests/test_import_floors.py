@@ -19,6 +19,7 @@ PACKAGES = ("plugins", "builder")
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("plugins",),                                           # the floor: reference ops, GPU kernels, number formats
     ("builder.errors", "builder"),                          # (the package itself holds only __version__)
+    ("builder.models",),                                    # the registry (data); family files will sit higher
     ("builder.config",),
     ("builder.layers",),                                    # layers shared by the model families
     ("builder.quantize",),                                  # quantization arithmetic, methods, calibration

@@ -64,7 +64,7 @@ def ref_engines(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
-    return {arch: make_tiny_model(root / arch, architecture=arch) for arch in ("LlamaForCausalLM", "Qwen2ForCausalLM")}
+    return {arch: make_tiny_model(root / arch, arch) for arch in ("LlamaForCausalLM", "Qwen2ForCausalLM")}
 
 
 def rank_files(engine_dir: Path) -> list[dict[str, torch.Tensor]]:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import ARCHITECTURES
+from conftest import ARCHITECTURES, VARIANTS
 from triton_helpers import engine_inputs, ensemble_inputs, read_metrics, run_stream
 
 pytestmark = pytest.mark.server
@@ -48,12 +48,16 @@ def expected_text(hf_dir, hf_text: str, ids: list[int]) -> str:
     return load_detokenizer(hf_dir).decode(ids)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", [*ARCHITECTURES, *VARIANTS])
 def test_greedy_ids_and_text_match_transformers(server_factory, arch):
-    """Greedy ids through tensorrt_llm and text through the ensemble equal transformers generate (fp32)."""
+    """Greedy ids through tensorrt_llm and text through the ensemble equal transformers generate (fp32); the prompts
+    cross a KV block, and tiny-llama3.2 (tied embeddings, llama3 rope factor 32 from position 32) decodes far past
+    its original_max_position_embeddings."""
     server = server_factory(arch)
+    lengths = []
     for prompt in PROMPTS:
         prompt_ids, hf_new, hf_text, tokenizer = hf_reference(server.hf_dir, prompt, MAX_TOKENS)
+        lengths.append(len(prompt_ids))
         engine = run_stream(server.grpc_url, "tensorrt_llm", engine_inputs(
             input_ids=prompt_ids, input_lengths=len(prompt_ids), request_output_len=MAX_TOKENS,
             end_id=tokenizer.eos_token_id, streaming=False, exclude_input_in_output=True))
@@ -63,6 +67,7 @@ def test_greedy_ids_and_text_match_transformers(server_factory, arch):
             text_input=prompt, max_tokens=MAX_TOKENS, stream=False))
         assert text.error is None, text.error
         assert text.text == expected_text(server.hf_dir, hf_text, prompt_ids + hf_new), f"{arch} {prompt!r}"
+    assert max(lengths) > 2 * 32  # crosses KV blocks (tokens_per_block 32) and tiny-llama3.2's original 32 positions
 
 
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM"])

@@ -16,8 +16,8 @@ from typing import Any, Iterator
 import torch
 from safetensors import safe_open
 
-from builder.config import SUPPORTED_ARCHITECTURES
-from builder.errors import CheckpointError, OutsideCheckpointError, TokenizerError, UnsupportedArchitectureError
+from builder.errors import CheckpointError, OutsideCheckpointError, TokenizerError
+from builder.models import family
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -79,10 +79,7 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} is not a JSON object; restore it from the original model")
     archs = config.get("architectures") or []
-    if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
-        found = archs[0] if archs else "no `architectures` entry"
-        raise UnsupportedArchitectureError(
-            f"{path}: architecture {found!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    family(str(archs[0]) if archs else "no `architectures` entry", str(path))
     return config
 
 

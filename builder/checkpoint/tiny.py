@@ -1,4 +1,5 @@
-"""Deterministic, offline tiny random-init Hugging Face checkpoints (Llama, Mistral, Qwen2) for tests and demos."""
+"""Deterministic, offline tiny random-init Hugging Face checkpoints for tests and demos: the built-in models of
+builder.models.TINY_MODELS (tiny-llama, tiny-mistral, tiny-qwen2, tiny-llama3.2)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from builder.errors import UnsupportedArchitectureError
+from builder.models import tiny_model
 
 CORPUS = Path(__file__).parent / "data" / "corpus.txt"
 MAX_SHARD_SIZE = "200KB"  # the tiny model is ~0.7 MB, so this gives several shards plus an index
@@ -16,7 +17,7 @@ MAX_SHARD_SIZE = "200KB"  # the tiny model is ~0.7 MB, so this gives several sha
 
 @dataclass(frozen=True)
 class TinySpec:
-    """Per-architecture choices for a tiny model: HF model type, tokenizer flavour and special tokens."""
+    """Per-architecture choices for a tiny model: HF model type, tokenizer flavour, special tokens and defaults."""
 
     model_type: str
     byte_level: bool  # True: Llama-3/Qwen byte-level BPE; False: Llama-2/Mistral SentencePiece-style BPE
@@ -41,17 +42,16 @@ WEIGHT_STD = 0.2  # linear layers
 EMBED_STD = 0.5  # embeddings / lm_head: logits std ~4, so greedy top-1 rarely sits near a tie
 
 
-def make_tiny_model(dest_dir: Path, architecture: str = "LlamaForCausalLM", seed: int = 0) -> Path:
-    """Write a tiny random HF model (sharded safetensors + index, config, tokenizer) into dest_dir; return it."""
-    if architecture not in SPECS:
-        raise UnsupportedArchitectureError(
-            f"no tiny model for {architecture!r}; use one of {', '.join(SPECS)}")
-    spec = SPECS[architecture]
+def make_tiny_model(dest_dir: Path, model: str = "tiny-llama", seed: int = 0) -> Path:
+    """Write the built-in tiny model `model` (a builder.models.TINY_MODELS name, or an architecture name for its
+    default tiny model) as an HF folder (sharded safetensors + index, config, tokenizer) into dest_dir; return it."""
+    tiny = tiny_model(model)
+    spec = SPECS[tiny.architecture]
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(spec)
-    model = _build_model(architecture, spec, tokenizer, seed)
-    _save_quietly(model, dest_dir)
+    hf_model = _build_model(tiny.architecture, spec, tokenizer, seed, tiny.config)
+    _save_quietly(hf_model, dest_dir)
     tokenizer.save_pretrained(dest_dir)
     return dest_dir
 
@@ -140,16 +140,19 @@ def _sentencepiece_bpe(spec: TinySpec):
     return tok
 
 
-def _build_model(architecture: str, spec: TinySpec, tokenizer, seed: int):
-    """Instantiate the HF model from config and fill it with seeded, well-separated random weights."""
+def _build_model(architecture: str, spec: TinySpec, tokenizer, seed: int, overrides: dict | None = None):
+    """Instantiate the HF model from config (the spec's defaults, then overrides) and fill it with seeded,
+    well-separated random weights."""
     import transformers
 
     config_cls = transformers.AutoConfig.for_model(spec.model_type).__class__
-    extra = {"sliding_window": None} if spec.model_type == "mistral" else {}
-    config = config_cls(vocab_size=len(tokenizer), tie_word_embeddings=spec.tie_word_embeddings,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id, architectures=[architecture], dtype="float32",
-                        **SHAPES, **extra)
+    fields = dict(SHAPES, vocab_size=len(tokenizer), tie_word_embeddings=spec.tie_word_embeddings,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, architectures=[architecture], dtype="float32")
+    if spec.model_type == "mistral":
+        fields["sliding_window"] = None
+    fields.update(overrides or {})
+    config = config_cls(**fields)
     model = getattr(transformers, architecture)(config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

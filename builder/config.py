@@ -87,6 +87,12 @@ class ModelConfig:
     mapping: Mapping = field(default_factory=Mapping)
     quantization: QuantConfig = field(default_factory=QuantConfig)
 
+    def local_heads(self, tp: int | None = None) -> tuple[int, int]:
+        """(query heads, KV heads) held by each of tp ranks (default: the mapping's): nq/tp and ceil(nkv/tp), one
+        duplicated KV head per rank when tp > nkv."""
+        tp = self.mapping.tp_size if tp is None else tp
+        return self.num_attention_heads // tp, -(-self.num_key_value_heads // tp)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict in TensorRT-LLM's config.json layout (None-valued optional keys dropped)."""
         data = asdict(self)

@@ -41,8 +41,6 @@ SEPARATE: dict[tuple[str, str], str] = {
 # (importing module, imported module) -> reason: known debts of SEPARATE, removed as issue #12 moves the weight
 # table out of checkpoint/ into one file per model family
 DEBTS: dict[tuple[str, str], str] = {
-    ("builder.runtime.models.llama", "builder.checkpoint.shard"): "local_heads: the weight table's TP layout",
-    ("builder.runtime.model_runner", "builder.checkpoint.shard"): "local_heads: the weight table's TP layout",
     ("builder.runtime.weights", "builder.checkpoint.trtllm"): "expected_weights / rank_layout: the weight table",
 }
 

@@ -16,8 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from builder.checkpoint.convert import convert_checkpoint
-from builder.checkpoint.shard import (local_heads, merge_shards, padded_vocab, parallel_style, split_for_rank,
-                                      validate_tp)
+from builder.checkpoint.shard import merge_shards, padded_vocab, parallel_style, split_for_rank, validate_tp
 from builder.checkpoint.trtllm import expected_weights
 from builder.config import BuildSettings, EngineConfig
 from builder.errors import BuilderError, ConfigError, RequestError
@@ -205,7 +204,7 @@ def test_valid_tp_sizes_and_local_heads():
     cfg = replace(_model_config(), num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336)
     for tp in (1, 2, 4, 8, 16, 32):
         validate_tp(cfg, tp)
-    assert local_heads(cfg, 2) == (16, 4) and local_heads(cfg, 16) == (2, 1)
+    assert cfg.local_heads(2) == (16, 4) and cfg.local_heads(16) == (2, 1)
 
 
 def test_convert_rejects_bad_tp(engines, tmp_path):

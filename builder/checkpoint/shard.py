@@ -96,12 +96,6 @@ def validate_tp(cfg: ModelConfig, tp: int) -> None:
                           f"{', '.join(map(str, valid))}")
 
 
-def local_heads(cfg: ModelConfig, tp: int | None = None) -> tuple[int, int]:
-    """(query heads, KV heads) held by each rank: nq/tp and ceil(nkv/tp) (one duplicated head when tp > nkv)."""
-    tp = cfg.mapping.tp_size if tp is None else tp
-    return cfg.num_attention_heads // tp, -(-cfg.num_key_value_heads // tp)
-
-
 def padded_vocab(vocab_size: int, tp: int) -> int:
     """lm_head rows after zero-padding the vocabulary to a multiple of tp."""
     return -(-vocab_size // tp) * tp
@@ -161,7 +155,7 @@ def _qkv_ranges(name: str, rows: int, cfg: ModelConfig, rank: int, tp: int) -> t
         raise ConfigError(f"{name}: {rows} rows do not split into {nq} + 2x{nkv} heads; the checkpoint does not "
                           "match its config.json")
     unit = rows // (nq + 2 * nkv)  # rows per head (head_size, or head_size/2 for packed int4)
-    nq_local, nkv_local = local_heads(cfg, tp)
+    nq_local, nkv_local = cfg.local_heads(tp)
     kv_head = rank * nkv_local if tp <= nkv else rank // (tp // nkv)
     heads = ((rank * nq_local, nq_local), (nq + kv_head, nkv_local), (nq + nkv + kv_head, nkv_local))
     return tuple((first * unit, (first + count) * unit) for first, count in heads)

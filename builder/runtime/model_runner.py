@@ -10,12 +10,11 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from builder.checkpoint.shard import local_heads
 from builder.config import EngineConfig
 from builder.errors import ConfigError
 from builder.runtime.block_manager import BlockManager
 from builder.runtime.cuda_graphs import DecodeGraphs
-from builder.runtime.models.llama import LlamaModel
+from builder.runtime.models import model_class
 from builder.runtime.scheduler import SchedulerOutput
 from builder.runtime.weights import expected_layout, load_weights, torch_dtype
 from plugins import AttentionMetadata, uses_gpu_kernels
@@ -54,11 +53,9 @@ def kv_cache_dtype(engine_config: EngineConfig) -> torch.dtype:
 
 
 def kv_block_bytes(engine_config: EngineConfig) -> int:
-    """Bytes of one KV block across all layers (K and V) on one rank (its local KV heads under TP)."""
-    m = engine_config.model
-    kv_heads = local_heads(m)[1]
-    elements = m.num_hidden_layers * 2 * engine_config.build.tokens_per_block * kv_heads * m.head_size
-    return elements * torch.empty((), dtype=kv_cache_dtype(engine_config)).element_size()
+    """Bytes of one KV block across all layers (K and V) on one rank, as the model's KVCacheSpec lays it out."""
+    spec = model_class(engine_config.model).kv_cache_spec(engine_config.model)
+    return spec.block_bytes(engine_config.build.tokens_per_block, kv_cache_dtype(engine_config))
 
 
 def num_kv_blocks(engine_config: EngineConfig, kv_cache_memory_mb: float) -> int:
@@ -114,7 +111,7 @@ class ModelRunner:
     def __init__(self, engine_dir: Path, engine_config: EngineConfig, device: torch.device, num_blocks: int,
                  rank: int = 0, tp: "TensorParallel | None" = None,
                  broadcast: Callable[[StepInput], None] | None = None, graph_batch_size: int = 0) -> None:
-        """Load rank's weights onto device and allocate the KV cache [layers, 2, num_blocks, tpb, local nkv, d].
+        """Load rank's weights onto device and allocate the KV cache the model asks for (its KVCacheSpec).
 
         graph_batch_size > 0 captures decode steps of up to that many sequences as CUDA graphs (CUDA, fp16/bf16
         engines only; every tensor-parallel rank must get the same value)."""
@@ -126,10 +123,11 @@ class ModelRunner:
         self.vocab_size = m.vocab_size
         self.tokens_per_block = b.tokens_per_block
         all_reduce, all_reduce_max = (self.tp.all_reduce, self.tp.all_reduce_max) if self.tp else (None, None)
-        self.model = LlamaModel(m, load_weights(engine_dir, m, device, rank), b.max_seq_len, device, all_reduce,
-                                all_reduce_max)
-        self.kv_cache = torch.zeros(m.num_hidden_layers, 2, num_blocks, b.tokens_per_block, local_heads(m)[1],
-                                    m.head_size, dtype=kv_cache_dtype(engine_config), device=device)
+        model_cls = model_class(m)
+        self.model = model_cls(m, load_weights(engine_dir, m, device, rank), b.max_seq_len, device, all_reduce,
+                               all_reduce_max)
+        self.kv_cache = model_cls.kv_cache_spec(m).allocate(num_blocks, b.tokens_per_block,
+                                                            kv_cache_dtype(engine_config), device)
         self.graphs: DecodeGraphs | None = None
         if graph_batch_size > 0 and uses_gpu_kernels(self.kv_cache, torch_dtype(m.dtype)):
             self.graphs = DecodeGraphs(self.model, self.kv_cache, graph_batch_size, b.max_seq_len, b.tokens_per_block)

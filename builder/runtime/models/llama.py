@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 import plugins
 from plugins import LinearOp
-from builder.checkpoint.shard import local_heads
 from builder.config import ModelConfig
 from builder.errors import ConfigError
 from builder.layers.rotary import rope_tables
+from builder.runtime.kv_cache import KVCacheSpec
 from builder.quantize.modes import linear_quant_algo
 from builder.quantize.weight_only import weight_only_bits, weight_only_quantize
 from plugins.formats import unpack_int4
@@ -153,7 +153,7 @@ class LlamaModel:
             raise ConfigError(f"model uses hidden_act={cfg.hidden_act!r}, position_embedding_type="
                               f"{cfg.position_embedding_type!r}; this runtime runs silu + rope_gpt_neox models only")
         self.cfg = cfg
-        self.num_heads, self.num_kv_heads = local_heads(cfg)
+        self.num_heads, self.num_kv_heads = cfg.local_heads()
         self.all_reduce = all_reduce if all_reduce is not None and cfg.mapping.tp_size > 1 else None
         self.embedding = weights["transformer.vocab_embedding.weight"]
         self.final_norm = weights["transformer.ln_f.weight"]
@@ -162,6 +162,11 @@ class LlamaModel:
         self.layers = [LayerWeights.from_weights(weights, i, cfg, row_amax) for i in range(cfg.num_hidden_layers)]
         self.cos, self.sin = rope_tables(cfg, max_positions, device)
         self.scale = cfg.head_size ** -0.5
+
+    @staticmethod
+    def kv_cache_spec(cfg: ModelConfig) -> KVCacheSpec:
+        """The cache one rank of this model needs per token: every layer's K and V of its local KV heads."""
+        return KVCacheSpec(cfg.num_hidden_layers, cfg.local_heads()[1], cfg.head_size)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: plugins.AttentionMetadata) -> torch.Tensor:

@@ -194,7 +194,8 @@ def test_max_bytes_per_token_of_the_tiny_tokenizers(tiny_checkpoints):
     from builder.triton.preprocessing import max_bytes_per_token
 
     got = {arch: max_bytes_per_token(load_tokenizer(path)) for arch, path in tiny_checkpoints.items()}
-    assert got == {"LlamaForCausalLM": 17, "MistralForCausalLM": 11, "Qwen2ForCausalLM": 4 * 13}
+    assert got == {"LlamaForCausalLM": 17, "MistralForCausalLM": 11, "Qwen2ForCausalLM": 4 * 13,
+                   "tiny-llama3.2": 17}  # tiny-llama's tokenizer
 
 
 def test_max_bytes_per_token_is_none_when_text_can_vanish():

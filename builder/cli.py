@@ -99,7 +99,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 def _add_tiny(sub: argparse._SubParsersAction) -> None:
     """Options of `builder tiny`."""
-    p = sub.add_parser("tiny", help="write a built-in tiny HF checkpoint folder (for tests and demos)")
+    p = sub.add_parser("tiny", help="write a built-in tiny HF checkpoint folder (for tests and demos)",
+                       description="built-in models: " + "; ".join(f"{name} ({tiny.description})"
+                                                                   for name, tiny in TINY_MODELS.items()))
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--model", default="tiny-llama", choices=[*TINY_MODELS, *DEFAULT_TINY],
                    help="a built-in model, or an architecture for its default tiny model (default tiny-llama)")

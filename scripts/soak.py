@@ -30,10 +30,11 @@ def main() -> int:
     p.add_argument("--max-tokens", type=parse_range, default=(1, 48), help="range of max_tokens, e.g. 1-48")
     p.add_argument("--sample", type=int, default=16, help="completed requests re-run alone and compared")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="ensemble", help="the client-facing model: ensemble or tensorrt_llm_bls")
     p.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     args = p.parse_args()
     options = SoakOptions(requests=args.requests, concurrency=args.concurrency, cancel_fraction=args.cancel,
-                          max_tokens=args.max_tokens, sample=args.sample, seed=args.seed)
+                          max_tokens=args.max_tokens, sample=args.sample, seed=args.seed, model=args.model)
     report = run_soak(args.url, args.metrics_url, options)
     print(report.summary())
     if args.out is not None:

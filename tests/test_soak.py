@@ -1,6 +1,7 @@
 """Soak through a real tritonserver: 1,000 streams at 64 concurrent with 20% cancelled by their clients, then 1,000
 with none. Before builder.triton.stop_channel this killed tritonserver 2.51 (heap corruption, signal 6) within a few
-hundred cancellations (docs/decisions.md); scripts/soak.py runs the same soak at GPU sizes."""
+hundred cancellations (docs/decisions.md); then the cancelled soak again through tensorrt_llm_bls.
+scripts/soak.py runs the same soak at GPU sizes (--model tensorrt_llm_bls for the BLS)."""
 
 from __future__ import annotations
 
@@ -26,4 +27,18 @@ def test_soak_streams_with_cancellations(llama_server, cancel_fraction):
         assert report.cancelled > 100
         assert read_metrics(llama_server.metrics_port)["builder_engine_requests_aborted_total"] > 0
     assert report.kv_blocks_total and report.kv_blocks_free == report.kv_blocks_total
+    assert llama_server.alive_and_ready()
+
+
+def test_soak_through_the_bls_with_cancellations(llama_server):
+    """The same soak through tensorrt_llm_bls (its requests run on threads of their own and client cancellations
+    reach the engine over the stop channel): no failure, the sample equals its solo run, the KV pool is full again."""
+    metrics_url = f"http://127.0.0.1:{llama_server.metrics_port}/metrics"
+    aborted = read_metrics(llama_server.metrics_port)["builder_engine_requests_aborted_total"]
+    report = run_soak(llama_server.grpc_url, metrics_url,
+                      SoakOptions(requests=1000, concurrency=64, cancel_fraction=0.2, seed=3,
+                                  model="tensorrt_llm_bls"))
+    assert not report.problems, report.summary()
+    assert report.completed + report.cancelled == 1000 and report.cancelled > 100
+    assert read_metrics(llama_server.metrics_port)["builder_engine_requests_aborted_total"] > aborted
     assert llama_server.alive_and_ready()

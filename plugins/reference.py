@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from plugins.formats import dequantize_kv, quantize_kv, to_fp8
+from plugins.formats import KV_CACHE_DTYPES, dequantize_kv, quantize_kv, to_fp8
 from plugins.metadata import AttentionMetadata
 
-KV_ALGOS = {torch.int8: "INT8", torch.float8_e4m3fn: "FP8"}  # quantized cache dtype -> kv_cache_quant_algo
+KV_ALGOS = {dtype: algo for algo, dtype in KV_CACHE_DTYPES.items()}  # cache dtype -> kv_cache_quant_algo
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -48,7 +48,6 @@ from plugins.formats import TORCH_DTYPES
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 WEIGHTS_FILE = "model.safetensors"
-FP8_MAX = 448.0
 INT8_WO_MAX = 127.0  # ModelOpt's int8 weight-only bound (TensorRT-LLM's own build-time quantizer uses 128)
 
 # HF linear (suffix after model.layers.{i}.) -> TensorRT-LLM module suffix; quantization choices are made in

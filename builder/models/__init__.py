@@ -45,9 +45,8 @@ TINY_MODELS: dict[str, TinyModel] = {
                                {"tie_word_embeddings": True, "rope_scaling": LLAMA32_ROPE}),
 }
 
-# the tiny model an architecture name stands for, where a caller names an architecture
-DEFAULT_TINY = {"LlamaForCausalLM": "tiny-llama", "MistralForCausalLM": "tiny-mistral",
-                "Qwen2ForCausalLM": "tiny-qwen2"}
+# the tiny model an architecture name stands for, where a caller names an architecture: its first in TINY_MODELS
+DEFAULT_TINY = {tiny.architecture: name for name, tiny in reversed(TINY_MODELS.items())}
 
 
 def family(architecture: str, where: str = "") -> str:

@@ -108,6 +108,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def port_in_use(port: int, host: str = "0.0.0.0") -> bool:
+    """True when a TCP listener could not bind host:port now (tritonserver binds 0.0.0.0 by default).
+
+    SO_REUSEADDR as servers set it: a port whose old connections linger in TIME_WAIT counts as free."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def interpreter_libdir() -> Path | None:
     """The folder holding this interpreter's shared libpython, if it has one."""
     libdir, library = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("LDLIBRARY")
@@ -196,12 +209,26 @@ class TritonServer:
             why = f"it exited with code {code}"
         return f"tritonserver stopped by itself: {why}; log: {self.log_path}"
 
+    def check_ports(self) -> None:
+        """ServerError when a port this server needs is taken: otherwise the server that already listens there
+        answers the readiness probe, and this one fails later (its bind fails after its models load)."""
+        ports = (("gRPC", self.grpc_port, "--grpc-port"), ("HTTP", self.http_port, "--http-port"),
+                 ("metrics", self.metrics_port, "--metrics-port"))
+        if len({port for _, port, _ in ports}) < len(ports):
+            raise ServerError(f"the gRPC, HTTP and metrics ports must differ (got {self.grpc_port}, {self.http_port}, "
+                              f"{self.metrics_port}): pass --grpc-port, --http-port and --metrics-port")
+        for name, port, flag in ports:
+            if port_in_use(port):
+                raise ServerError(f"port {port} ({name}) is already in use, probably by another server: stop it "
+                                  f"or pass {flag} with a free port")
+
     def start(self) -> "TritonServer":
         """Launch tritonserver in its own process group, output going to log_path (a temp file by default)."""
         if self.process is not None:
             raise ServerError("this TritonServer is already started; stop() it first")
         if not (Path(self.repo) / "ensemble").is_dir() and not any(Path(self.repo).glob("*/config.pbtxt")):
             raise ServerError(f"{self.repo} is not a model repository; build one with `builder build`")
+        self.check_ports()
         install = find_triton()
         if self.log_path is None:
             self.log_path = Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])

@@ -195,7 +195,7 @@ stage_soak() {
   echo "$(date +%T) soak: starting the server on $REPO"
   start_server $OUT/server-soak.log || return 1
   local rc=0 cancel
-  for cancel in 0.2 0; do
+  for cancel in ${SOAK_CANCELS:-0.2 0}; do
     echo "$(date +%T) soak: cancel $cancel"
     $PY scripts/soak.py --url localhost:18001 --metrics-url http://localhost:18002/metrics \
       --requests ${SOAK_N:-1000} --concurrency ${SOAK_C:-$C_SOAK} --sample ${SOAK_SAMPLE:-16} --cancel $cancel --out "$OUT/soak-$cancel.json" \

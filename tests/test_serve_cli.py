@@ -81,3 +81,27 @@ def test_generate_without_server_is_one_line_error():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1, result.stderr
+
+
+def test_serve_refuses_a_port_in_use(tmp_path):
+    """A port another server holds is one line and exit 2 (a BuilderError) before tritonserver starts: the other server would
+    otherwise answer the readiness probe and `builder serve` would report ready for a server that is not its own."""
+    import socket
+
+    repo = tmp_path / "repo"
+    (repo / "ensemble").mkdir(parents=True)
+    (repo / "ensemble" / "config.pbtxt").write_text('name: "ensemble"\n')
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as other:
+        other.bind(("0.0.0.0", 0))
+        other.listen()
+        taken = other.getsockname()[1]
+        for flags in (["--grpc-port", str(taken), "--http-port", str(free_port()), "--metrics-port", str(free_port())],
+                      ["--grpc-port", str(free_port()), "--http-port", str(taken), "--metrics-port", str(free_port())]):
+            result = subprocess.run(BUILDER + ["serve", str(repo), *flags], capture_output=True, text=True, timeout=60)
+            assert result.returncode == 2, result.stdout + result.stderr
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and f"port {taken}" in lines[0] and "already in use" in lines[0], result.stderr
+    same = free_port()
+    result = subprocess.run(BUILDER + ["serve", str(repo), "--grpc-port", str(same), "--http-port", str(same)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "must differ" in result.stderr, result.stderr

@@ -81,16 +81,20 @@ from builder.bench import (RequestRecord, add_workload_arguments, markdown_table
                            summarize, workload_spec)
 from builder.config import BuildSettings, DTYPES, EngineConfig, ModelConfig, QuantConfig  # noqa: E402
 from builder.errors import BuilderError, ConfigError  # noqa: E402
-from builder.quantize.modes import (DECODER_LINEARS, KV_CACHE_MODES, QUANT_MODES, SUPPORTED_GROUP_SIZES,  # noqa: E402
-                                    linear_quant_algo, linear_widths, resolve_quant_config,
-                                    validate_model_quantization)
+from builder.models import arch_spec  # noqa: E402
+from builder.quantize.modes import (KV_CACHE_MODES, QUANT_MODES, SUPPORTED_GROUP_SIZES, linear_quant_algo,  # noqa: E402
+                                    resolve_quant_config)
 from builder.workload import BenchRequest, token_prompts  # noqa: E402
 
 RANDOM_SHAPES = {
-    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+    "llama3-8b": dict(architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, head_size=128, intermediate_size=14336, max_position_embeddings=8192,
                       rotary_base=500000.0),
-    "tiny": dict(vocab_size=768, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    # Qwen3-8B: head_dim 128 with 32 query heads on hidden 4096, q/k norms, untied embeddings
+    "qwen3-8b": dict(architecture="Qwen3ForCausalLM", vocab_size=151936, hidden_size=4096, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_size=128, intermediate_size=12288,
+                     max_position_embeddings=40960, rotary_base=1000000.0, qwen_type="qwen3"),
+    "tiny": dict(architecture="LlamaForCausalLM", vocab_size=768, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  head_size=16, intermediate_size=128, max_position_embeddings=512, rotary_base=10000.0),
 }
 RANDOM_STD = 0.02
@@ -102,10 +106,10 @@ WARMUP_OUTPUT_TOKENS = 8
 
 def random_model_config(shape: str, dtype: str, quant: str = "none", kv_cache_dtype: str = "auto",
                         group_size: int | None = None) -> ModelConfig:
-    """A Llama ModelConfig of a named random shape, quantized as `builder build --quant ... --kv-cache-dtype ...`
+    """The ModelConfig of a named random shape, quantized as `builder build --quant ... --kv-cache-dtype ...`
     would set it (resolve_quant_config, exclude ["lm_head"]); int4_awq without group_size takes the largest
     supported group size the widths allow."""
-    cfg = ModelConfig(architecture="LlamaForCausalLM", dtype=dtype, norm_epsilon=1e-5, **RANDOM_SHAPES[shape])
+    cfg = ModelConfig(dtype=dtype, norm_epsilon=1e-5, **RANDOM_SHAPES[shape])
     if quant == "none" and kv_cache_dtype == "auto":
         return cfg
     sizes = [group_size] if group_size is not None or quant != "int4_awq" else \
@@ -113,7 +117,7 @@ def random_model_config(shape: str, dtype: str, quant: str = "none", kv_cache_dt
     for i, size in enumerate(sizes):
         cfg.quantization = resolve_quant_config(quant, kv_cache_dtype, size)
         try:
-            validate_model_quantization(cfg)
+            arch_spec(cfg.architecture).check_quantization(cfg)
             break
         except ConfigError:
             if i == len(sizes) - 1:
@@ -165,7 +169,7 @@ def random_weights(engine_dir: Path, cfg: ModelConfig, device: torch.device, ran
     from a generator seeded with the rank."""
     from builder.runtime.weights import expected_layout
 
-    validate_model_quantization(cfg, cfg.mapping.tp_size)
+    arch_spec(cfg.architecture).check_quantization(cfg, cfg.mapping.tp_size)
     generator = torch.Generator(device=device).manual_seed(rank)
     return {name: random_tensor(name, tuple(spec.shape), spec.dtype, device, generator)
             for name, spec in expected_layout(cfg).items()}
@@ -401,18 +405,19 @@ def decode_bytes_breakdown(cfg: ModelConfig, kv_dtype_bytes: int, mean_context: 
     """Bytes one decode step reads per sequence at batch 1, by part (full model, all tensor-parallel ranks)."""
     quant, db = cfg.quantization, model_dtype_bytes(cfg)
     h, layers = cfg.hidden_size, cfg.num_hidden_layers
-    linears = 0
-    for layer in range(layers):
-        for module, _ in DECODER_LINEARS:
-            out, in_features = linear_widths(cfg, module)
-            algo = linear_quant_algo(quant, f"transformer.layers.{layer}.{module}")
-            linears += linear_bytes(algo, out, in_features, quant.group_size, db)
-            if module == "attention.qkv" and cfg.attn_bias:
-                linears += out * db
+    linears = norms = 0
+    for row in arch_spec(cfg.architecture).weights(cfg):  # the family's weight table
+        if row.is_linear_weight:
+            algo = linear_quant_algo(quant, row.module)
+            linears += linear_bytes(algo, row.shape[0], row.shape[1], quant.group_size, db)
+        elif row.engine.endswith(".bias"):
+            linears += row.numel * db
+        elif len(row.shape) == 1:  # RMSNorm weights (q/k norms included)
+            norms += row.numel * db
     kv_scales = layers * 4 if quant.kv_cache_quant_algo is not None else 0
     return {
         "decoder_linears": float(linears),
-        "norms": float((2 * layers + 1) * h * db),
+        "norms": float(norms),
         "lm_head": float(linear_bytes(linear_quant_algo(quant, "lm_head"), cfg.vocab_size, h, quant.group_size, db)),
         "embedding_row": float(h * db),
         "kv_cache": float(layers * 2 * cfg.num_key_value_heads * cfg.head_size * kv_dtype_bytes * mean_context
@@ -429,8 +434,8 @@ def decode_bytes_per_token(cfg: ModelConfig, kv_dtype_bytes: int, mean_context: 
 
 def matmul_params(cfg: ModelConfig) -> int:
     """Weights of every matmul one token goes through: the decoder linears and lm_head."""
-    per_layer = sum(math.prod(linear_widths(cfg, module)) for module, _ in DECODER_LINEARS)
-    return cfg.num_hidden_layers * per_layer + cfg.vocab_size * cfg.hidden_size
+    decoder = sum(row.numel for row in arch_spec(cfg.architecture).weights(cfg) if row.is_linear_weight)
+    return decoder + cfg.vocab_size * cfg.hidden_size
 
 
 def flops_per_token(cfg: ModelConfig, context: float) -> float:

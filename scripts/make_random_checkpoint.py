@@ -1,4 +1,4 @@
-"""Write a Hugging Face Llama checkpoint folder with random weights in a named real shape, and a matching tokenizer.
+"""Write a Hugging Face checkpoint folder with random weights in a named real shape, and a matching tokenizer.
 
 Usage:
     python scripts/make_random_checkpoint.py --shape llama3-8b --out /data/random-llama3-8b
@@ -7,11 +7,13 @@ Usage:
     builder serve REPO &
     builder bench --url localhost:8001 --repo REPO --concurrency 1,16,64 --input-len 1024 --output-len 128
 
-Shapes: llama3-8b (Llama-3-8B: vocab 128256, hidden 4096, 32 layers, GQA 32/8 heads of 128, MLP 14336) and tiny
-(the shape of builder's tiny-llama). Weights are N(0, 0.02) (embeddings, every linear and an untied lm_head) and
-ones (RMS norms), drawn tensor by tensor from one seeded torch.Generator on --device and streamed into
+Shapes: llama3-8b (Llama-3-8B: vocab 128256, hidden 4096, 32 layers, GQA 32/8 heads of 128, MLP 14336), qwen3-8b
+(Qwen3-8B: vocab 151936, hidden 4096, 36 layers, GQA 32/8 heads of 128, MLP 12288, q/k norms) and tiny (the shape
+of builder's tiny-llama). The tensor names and shapes come from the architecture's weight table
+(builder.models.<family>). Weights are N(0, 0.02) (embeddings, every linear and an untied lm_head) and ones (RMS
+norms, q/k norms too), drawn tensor by tensor from one seeded torch.Generator on --device and streamed into
 safetensors shards of at most 5 GB plus model.safetensors.index.json; peak host memory is about one tensor
-(1 GB for Llama-3-8B's embedding in bfloat16). config.json is a transformers LlamaConfig.
+(1 GB for Llama-3-8B's embedding in bfloat16). config.json is the transformers config class of the model type.
 
 The tokenizer is builder's tiny-llama byte-level BPE tokenizer (BOS <|begin_of_text|>, EOS <|end_of_text|>)
 padded with non-special added tokens "<|filler_ID|>" up to the model's vocab size, so every id the random model
@@ -38,13 +40,18 @@ if str(ROOT) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(ROOT))
 
 from builder.checkpoint.safetensors_io import write_streaming  # noqa: E402
+from builder.checkpoint.trtllm import model_config_from_hf  # noqa: E402
+from builder.models import arch_spec  # noqa: E402
 from plugins.formats import TORCH_DTYPES  # noqa: E402
 
 SHAPES = {
-    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+    "llama3-8b": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, head_dim=128, intermediate_size=14336, max_position_embeddings=8192,
                       rope_theta=500000.0, rms_norm_eps=1e-5),
-    "tiny": dict(vocab_size=768, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    "qwen3-8b": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=4096,
+                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     intermediate_size=12288, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6),
+    "tiny": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=768, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  head_dim=16, intermediate_size=128, max_position_embeddings=512, rope_theta=10000.0,
                  rms_norm_eps=1e-5),
 }
@@ -87,23 +94,13 @@ def model_shape(name: str, num_layers: int | None) -> dict:
 
 
 def weight_plan(shape: dict) -> list[tuple[str, tuple[int, ...]]]:
-    """(HF tensor name, shape) of every LlamaForCausalLM weight, in file order."""
-    h, i, d = shape["hidden_size"], shape["intermediate_size"], shape["head_dim"]
-    q, kv = shape["num_attention_heads"] * d, shape["num_key_value_heads"] * d
-    plan = [("model.embed_tokens.weight", (shape["vocab_size"], h))]
-    for layer in range(shape["num_hidden_layers"]):
-        p = f"model.layers.{layer}."
-        plan += [(p + "input_layernorm.weight", (h,)),
-                 (p + "self_attn.q_proj.weight", (q, h)),
-                 (p + "self_attn.k_proj.weight", (kv, h)),
-                 (p + "self_attn.v_proj.weight", (kv, h)),
-                 (p + "self_attn.o_proj.weight", (h, q)),
-                 (p + "post_attention_layernorm.weight", (h,)),
-                 (p + "mlp.gate_proj.weight", (i, h)),
-                 (p + "mlp.up_proj.weight", (i, h)),
-                 (p + "mlp.down_proj.weight", (h, i))]
-    plan += [("model.norm.weight", (h,)), ("lm_head.weight", (shape["vocab_size"], h))]
-    return plan
+    """(HF tensor name, shape) of every weight of the shape's architecture, in the order of its family's weight table
+    (builder.models.<family>)."""
+    cfg = model_config_from_hf({**shape, "tie_word_embeddings": False}, "float32")
+    plan: dict[str, tuple[int, ...]] = {}
+    for row in arch_spec(cfg.architecture).weights(cfg):
+        plan.update(zip(row.hf, row.hf_shapes))
+    return list(plan.items())
 
 
 def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -189,9 +186,9 @@ def build_padded_tokenizer(vocab_size: int, max_length: int):
     """builder's tiny-llama tokenizer padded with non-special filler tokens to exactly vocab_size ids."""
     from tokenizers import AddedToken
 
-    from builder.checkpoint.tiny import SPECS, build_tokenizer
+    from builder.checkpoint.tiny import build_tokenizer, tiny_spec
 
-    tokenizer = build_tokenizer(SPECS["LlamaForCausalLM"])
+    tokenizer = build_tokenizer(tiny_spec("LlamaForCausalLM"))
     base = len(tokenizer)
     if base > vocab_size:
         raise UsageError(f"the tiny-llama tokenizer has {base} tokens, more than the model's vocab_size "
@@ -213,10 +210,11 @@ def save_tokenizer(tokenizer, dest: Path) -> None:
 
 
 def write_config(dest: Path, shape: dict, dtype_name: str, tokenizer) -> None:
-    """config.json (transformers LlamaConfig) and generation_config.json in dest."""
-    from transformers import GenerationConfig, LlamaConfig
+    """config.json (the transformers config class of the shape's model_type) and generation_config.json in dest."""
+    from transformers import AutoConfig, GenerationConfig
 
-    config = LlamaConfig(**shape, tie_word_embeddings=False, architectures=["LlamaForCausalLM"], dtype=dtype_name,
+    fields = {k: v for k, v in shape.items() if k != "model_type"}
+    config = AutoConfig.for_model(shape["model_type"], **fields, tie_word_embeddings=False, dtype=dtype_name,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, initializer_range=STD)
     config.save_pretrained(dest)

@@ -32,7 +32,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuB
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from builder.checkpoint.reference import (DOC_SEPARATOR, EVAL_SEQ_LEN, TEST_MAX_TOKENS,  # noqa: E402
+from builder.checkpoint.reference import (DOC_SEPARATOR, TEST_MAX_TOKENS,  # noqa: E402
                                           heldout_perplexity)
 
 VOCAB_SIZE = 2048

@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 
+from builder.models import REGISTRY
+
 sys.path.insert(0, str(Path(__file__).parent))
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+ARCHITECTURES = tuple(REGISTRY)  # every registered architecture (builder.models.REGISTRY)
 # built-in variants of a registered architecture, served like one (builder.models.TINY_MODELS)
 VARIANTS = ("tiny-llama3.2",)
 

@@ -15,15 +15,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("plugins", "builder")
 
-# lowest first: a module may import its own layer and the ones before it
+# lowest first: a module may import its own layer and the ones before it. "=name" holds that module only (not the
+# modules under it): the model registry is the package builder.models, its family files sit higher.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("plugins",),                                           # the floor: reference ops, GPU kernels, number formats
     ("builder.errors", "builder"),                          # (the package itself holds only __version__)
-    ("builder.models",),                                    # the registry (data); family files will sit higher
+    ("=builder.models",),                                   # the registry (data); it imports family files on demand
     ("builder.config",),
-    ("builder.layers",),                                    # layers shared by the model families
-    ("builder.quantize",),                                  # quantization arithmetic, methods, calibration
-    ("builder.checkpoint",),                                # HF reading, conversion to the engine layout
+    ("builder.quantize",),                                  # quantization arithmetic and the CLI modes
+    ("builder.layers",),                                    # layers shared by the model families, the decoder
+    ("builder.models",),                                    # family files: config translation, weight table, model
+    ("builder.checkpoint",),                                # HF reading, conversion to the engine layout, calibration
     ("builder.runtime",),                                   # the engine
     ("builder.accuracy",),                                  # accuracy of a build: converts and runs engines
     ("builder.triton", "builder.client", "builder.workload"),
@@ -38,11 +40,9 @@ SEPARATE: dict[tuple[str, str], str] = {
                                                "what it wrote",
 }
 
-# (importing module, imported module) -> reason: known debts of SEPARATE, removed as issue #12 moves the weight
-# table out of checkpoint/ into one file per model family
-DEBTS: dict[tuple[str, str], str] = {
-    ("builder.runtime.weights", "builder.checkpoint.trtllm"): "expected_weights / rank_layout: the weight table",
-}
+# (importing module, imported module) -> reason: known debts of SEPARATE (none left: the runtime reads the weight
+# table and the rank layout from builder.models, as the converter does)
+DEBTS: dict[tuple[str, str], str] = {}
 
 # function-level project imports kept lazy on purpose (never to dodge a cycle: lazy imports count in the cycle
 # and layer checks too). A module listed alone may import lazily anywhere in it.
@@ -124,7 +124,10 @@ def layer_of(module: str) -> int:
     best, best_len = None, -1
     for index, prefixes in enumerate(LAYERS):
         for prefix in prefixes:
-            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best_len:
+            if prefix.startswith("="):
+                if module == prefix[1:]:
+                    return index
+            elif (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best_len:
                 best, best_len = index, len(prefix)
     assert best is not None, f"{module} is in no layer of LAYERS; add it"
     return best

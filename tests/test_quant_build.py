@@ -15,14 +15,14 @@ from builder.build import BuildOptions, build
 from builder.checkpoint.convert import convert_checkpoint
 from builder.checkpoint.hf import HFCheckpoint
 from builder.checkpoint.reference import heldout_text, reference_model_dir
-from builder.checkpoint.shard import merge_shards
+from builder.models.parallel import merge_shards
 from builder.checkpoint.tiny import make_tiny_model
 from builder.checkpoint.trtllm import model_config_from_hf
 from builder.config import BuildSettings, EngineConfig, QuantConfig, QuantOptions
 from builder.errors import ConfigError
 from builder.quantize import collect_activation_stats, weight_only_quantize
 from builder.accuracy import EvalOptions
-from builder.quantize.layerwise import calibrate, calibration_tokens
+from builder.checkpoint.calibration import calibrate, calibration_tokens
 from builder.runtime import LLMEngine, SamplingParams
 
 LIMITS = dict(dtype="float32", max_batch_size=16, max_input_len=64, max_seq_len=128, max_num_tokens=256,
@@ -203,7 +203,8 @@ def test_calibration_reads_one_layer_at_a_time(tiny, monkeypatch):
     assert layers == sorted(layers) and set(layers) == {0, 1}
     assert all(not isinstance(n, str) for n in reads if "embed" in str(n))
     assert not any("lm_head" in str(n) or "model.norm" in str(n) for n in reads)
-    assert set(result.layers[0].awq_scales) == {"attention.qkv", "attention.dense", "mlp.fc", "mlp.proj"}
+    assert set(result.layers[0].awq_scales) == {"attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj"}
+    assert result.layers[0].awq_scales["mlp.gate"] is result.layers[0].awq_scales["mlp.fc"]  # one input, one search
 
 
 # ---- runtime: TP parity and accuracy --------------------------------------------------------------------------

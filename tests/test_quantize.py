@@ -80,7 +80,6 @@ def test_exclusion_patterns():
     assert not is_excluded("transformer.layers.1.mlp.fc", qc.exclude_modules)
     assert linear_quant_algo(qc, "transformer.layers.1.attention.qkv") == "FP8"
     assert linear_quant_algo(qc, "transformer.layers.0.attention.qkv") is None
-    assert linear_quant_algo(qc, "transformer.vocab_embedding") is None
     assert linear_quant_algo(resolve_quant_config("fp8"), "lm_head") is None
     assert linear_quant_algo(resolve_quant_config("fp8", exclude_modules=[]), "lm_head") == "FP8"
 
@@ -361,3 +360,21 @@ def test_collect_activation_stats(tiny_llama):
 def test_collect_activation_stats_unknown_layer(tiny_llama):
     with pytest.raises(ConfigError, match="no module"):
         collect_activation_stats(tiny_llama, [torch.zeros(1, 4, dtype=torch.long)], ["model.layers.9.mlp"])
+
+
+def test_the_family_table_names_the_quantizable_linears():
+    """Which modules a quant_algo may apply to is the family's weight table's to say (not a name list here): the
+    decoder linears, never the embedding, norms or (kept out by default) lm_head."""
+    from builder.config import ModelConfig
+    from builder.models import arch_spec
+
+    for arch, extra in (("LlamaForCausalLM", set()), ("Qwen3ForCausalLM", set())):
+        cfg = ModelConfig(architecture=arch, dtype="float32", vocab_size=96, hidden_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_size=16, intermediate_size=128,
+                          max_position_embeddings=64)
+        linears = {row.engine for row in arch_spec(arch).weights(cfg) if row.is_linear_weight}
+        want = {f"transformer.layers.{i}.{m}.weight" for i in range(2)
+                for m in ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")} | extra
+        assert linears == want, arch
+        keys = arch_spec(arch).stats_keys(cfg)
+        assert keys["mlp.gate"] == "mlp.fc" and keys["attention.qkv"] == "attention.qkv"

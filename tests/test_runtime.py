@@ -10,9 +10,10 @@ import torch
 from builder.checkpoint.convert import convert_checkpoint
 from builder.config import BuildSettings
 from builder.errors import RequestError
+from builder.models import REGISTRY
 from builder.runtime import LLMEngine, SamplingParams
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+ARCHITECTURES = tuple(REGISTRY)  # every registered architecture (builder.models.REGISTRY)
 EOS = 2
 VOCAB = 256
 PROMPT_LENGTHS = (1, 5, 17, 40)
@@ -42,6 +43,8 @@ def make_hf_model(hf_dir: Path, architecture: str, rope: dict | None = None, see
         for name, param in model.named_parameters():
             if name.endswith("bias"):  # HF zero-inits biases; make Qwen2's qkv bias matter
                 param.normal_(0.0, 0.2)
+            elif "norm" in name:  # HF inits norm weights to ones; make each one (Qwen3's q/k norms too) matter
+                param.normal_(1.0, 0.2)
     model.save_pretrained(hf_dir)
     return model
 

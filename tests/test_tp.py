@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from builder.checkpoint.convert import convert_checkpoint
-from builder.checkpoint.shard import merge_shards, padded_vocab, parallel_style, split_for_rank, validate_tp
-from builder.checkpoint.trtllm import expected_weights
+from builder.models.parallel import merge_shards, padded_vocab, parallel_style, split_for_rank, validate_tp
+from builder.models.layout import expected_weights
 from builder.config import BuildSettings, EngineConfig
 from builder.errors import BuilderError, ConfigError, RequestError
 from builder.runtime import LLMEngine, SamplingParams
@@ -172,9 +172,12 @@ def test_split_rules_for_quantization_tensors():
     per_channel = torch.rand(64)
     assert split_for_rank("transformer.layers.0.attention.dense.per_channel_scale", per_channel, cfg, 1, tp) \
         is per_channel
-    assert parallel_style("transformer.layers.3.mlp.gate.weight") == "column"
-    assert parallel_style("transformer.layers.3.attention.dense.weight") == "row"
-    assert parallel_style("transformer.vocab_embedding.weight") == "replicated"
+    assert parallel_style("transformer.layers.3.mlp.gate.weight", cfg) == "column"
+    assert parallel_style("transformer.layers.3.attention.dense.weight", cfg) == "row"
+    assert parallel_style("transformer.layers.3.attention.qkv.bias", cfg) == "qkv"
+    assert parallel_style("lm_head.weight", cfg) == "vocab"
+    assert parallel_style("transformer.vocab_embedding.weight", cfg) == "replicated"
+    assert parallel_style("transformer.layers.3.attention.kv_cache_scaling_factor", cfg) == "replicated"
     with pytest.raises(ConfigError, match="SPLIT_DIMS"):
         split_for_rank("transformer.layers.0.mlp.fc.mystery_scale", torch.rand(128), cfg, 0, tp)
 

@@ -13,17 +13,19 @@ from rich.progress import Progress, track
 
 from builder.checkpoint.hf import HFCheckpoint, staged_tokenizer
 from builder.checkpoint.safetensors_io import write_streaming
-from builder.checkpoint.shard import read_shard, split_for_rank, validate_tp
-from builder.checkpoint.trtllm import (KV_SCALE_SUFFIX, TensorSpec, WeightSpec, hf_dtype, model_config_from_hf,
-                                       plan_weights, rank_layout)
+from builder.checkpoint.calibration import Calibration, calibrate, calibration_tokens
+from builder.checkpoint.trtllm import model_config_from_hf, plan_weights
 from builder.config import BuildSettings, EngineConfig, Mapping, ModelConfig, QuantConfig, QuantOptions
 from builder.errors import ConfigError
+from builder.models import arch_spec
+from builder.models.hf_config import hf_dtype
+from builder.models.layout import KV_SCALE_SUFFIX, TensorSpec, rank_layout
+from builder.models.parallel import read_shard, split_for_rank, validate_tp
+from builder.models.spec import WeightSpec
 from builder.quantize.calibrate import ActivationStats, load_calibration_text
 from builder.quantize.kv_cache import kv_cache_scale
-from builder.quantize.layerwise import Calibration, calibrate, calibration_tokens
 from builder.quantize.linear import quantize_linear
-from builder.quantize.modes import (CALIBRATED_ALGOS, linear_quant_algo, needs_calibration, resolve_quant_config,
-                                    validate_model_quantization)
+from builder.quantize.modes import CALIBRATED_ALGOS, linear_quant_algo, needs_calibration, resolve_quant_config
 from plugins.formats import TORCH_DTYPES
 
 ST_TO_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -83,7 +85,7 @@ def convert_checkpoint(hf_dir: Path, engine_dir: Path, settings: BuildSettings, 
     validate_tp(model_cfg, tp_size)
     model_cfg.mapping = Mapping(world_size=tp_size, tp_size=tp_size, pp_size=1)
     model_cfg.quantization = quant_config
-    validate_model_quantization(model_cfg, tp_size)
+    arch_spec(model_cfg.architecture).check_quantization(model_cfg, tp_size)
     console = Console(stderr=True)
     calib = None
     if needs_calibration(quant_config):
@@ -96,9 +98,9 @@ def convert_checkpoint(hf_dir: Path, engine_dir: Path, settings: BuildSettings, 
             calib = calibrate(ckpt, model_cfg, tokens, progress=lambda _: progress.advance(task))
     engine_dir = Path(engine_dir)
     engine_dir.mkdir(parents=True, exist_ok=True)
-    layout = rank_layout(model_cfg, {spec.name: spec.shape for spec in plan}, tp_size)
+    layout = rank_layout(model_cfg, {row.engine: row.shape for row in plan}, tp_size)
     entries = [(t.name, t.dtype, t.shape) for t in layout]
-    sources = {spec.name: spec for spec in plan}
+    sources = {row.engine: row for row in plan}
     for rank in range(tp_size):
         label = "Converting weights" if tp_size == 1 else f"Converting weights (rank {rank + 1}/{tp_size})"
         tensors = track(_converted(ckpt, layout, sources, model_cfg, calib, rank, tp_size), total=len(layout),
@@ -129,14 +131,14 @@ def _produce(ckpt: HFCheckpoint, source: str, sources: dict[str, WeightSpec], cf
     if source.endswith(KV_SCALE_SUFFIX):
         stats = calib.layers[layer]
         return {source: kv_cache_scale(quant.kv_cache_quant_algo, stats.k_amax, stats.v_amax)}
-    spec = sources[source]
-    parts = [(src, ckpt.shape(src)[0]) for src in spec.sources]
-    shard = read_shard(spec.name, spec.shape, parts, cfg, rank, tp_size, ckpt.get_part).to(dtype)
-    module, suffix = spec.name.rsplit(".", 1)
-    algo = linear_quant_algo(quant, module) if suffix == "weight" and shard.dim() == 2 else None
+    row = sources[source]
+    parts = [(src, ckpt.shape(src)[0]) for src in row.hf]
+    shard = read_shard(row.engine, row.shape, parts, cfg, rank, tp_size, ckpt.get_part).to(dtype)
+    module = row.module
+    algo = linear_quant_algo(quant, module) if row.is_linear_weight else None
     if algo not in CALIBRATED_ALGOS:
-        return {spec.name: shard}  # float tensors; W8A16/W4A16 are quantized by trtllm-build (decisions.md)
-    stats, short = calib.layers[layer], module.split(".", 3)[-1]  # e.g. attention.qkv
+        return {row.engine: shard}  # float tensors; W8A16/W4A16 are quantized by trtllm-build (decisions.md)
+    stats, short = calib.layers[layer], row.relative  # e.g. attention.qkv
     scales = x_abs_mean = None
     if algo == "W4A16_AWQ":  # column-parallel: the full [in] vectors; row-parallel: the rank's input slice
         scales, x_abs_mean = (split_for_rank(f"{module}.prequant_scaling_factor", stats.get(table, short), cfg, rank,

@@ -32,35 +32,29 @@ from typing import Any, Callable, Iterator
 import torch
 
 from builder import __version__
+from builder.checkpoint.calibration import calibrate, calibration_tokens
 from builder.checkpoint.convert import plan_checkpoint
 from builder.checkpoint.hf import HFCheckpoint, copy_tokenizer, staged_tokenizer
 from builder.checkpoint.safetensors_io import write_streaming
-from builder.checkpoint.shard import validate_tp
 from builder.checkpoint.trtllm import IGNORED_SUFFIXES
 from builder.config import BuildSettings, EngineConfig, Mapping, ModelConfig, QuantConfig, QuantOptions
 from builder.errors import ConfigError
+from builder.models import arch_spec
+from builder.models.parallel import validate_tp
+from builder.models.spec import WeightSpec
 from builder.quantize.awq import quantize_awq
 from builder.quantize.fp8 import fp8_scale, quantize_fp8
-from builder.quantize.layerwise import calibrate, calibration_tokens
-from builder.quantize.modes import (DEFAULT_GROUP_SIZE, linear_quant_algo, needs_calibration,
-                                    validate_model_quantization)
+from builder.quantize.modes import DEFAULT_GROUP_SIZE, linear_quant_algo, needs_calibration
 from plugins.formats import TORCH_DTYPES
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 WEIGHTS_FILE = "model.safetensors"
 INT8_WO_MAX = 127.0  # ModelOpt's int8 weight-only bound (TensorRT-LLM's own build-time quantizer uses 128)
 
-# HF linear (suffix after model.layers.{i}.) -> TensorRT-LLM module suffix; quantization choices are made in
-# TensorRT-LLM names (exclude_modules, calibration statistics), as for the TensorRT-LLM checkpoint.
-HF_LINEARS = {
-    "self_attn.q_proj": "attention.qkv", "self_attn.k_proj": "attention.qkv", "self_attn.v_proj": "attention.qkv",
-    "self_attn.o_proj": "attention.dense",
-    "mlp.gate_proj": "mlp.fc", "mlp.up_proj": "mlp.gate", "mlp.down_proj": "mlp.proj",
-}
-# The RMSNorm that feeds a fused group: AWQ pre-quant scales of these linears are folded into it (ModelOpt does).
-FOLDED_INTO = {"attention.qkv": "input_layernorm", "mlp.fc": "post_attention_layernorm",
-               "mlp.gate": "post_attention_layernorm"}
-CALIB_MODULE = {"mlp.gate": "mlp.fc"}  # gate (up_proj) shares fc's input and statistics
+# Which HF linear is which engine module, which share statistics, and which RMSNorm absorbs a group's AWQ pre-quant
+# scale (ModelOpt folds it there) all come from the family's weight table (WeightSpec.hf / quant_group / fold_into);
+# quantization choices are made in TensorRT-LLM names (exclude_modules, calibration statistics), as for the
+# TensorRT-LLM checkpoint.
 
 Calibrate = Callable[[HFCheckpoint, ModelConfig], Any]
 
@@ -115,15 +109,24 @@ def int8_weight_only(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"weight": q, "weight_scale": scale}
 
 
+def hf_linears(cfg: ModelConfig) -> dict[str, tuple[int, WeightSpec]]:
+    """HF linear weight name -> (layer, the weight-table row of the engine linear it is part of), in table order."""
+    spec, out = arch_spec(cfg.architecture), {}
+    for layer in range(cfg.num_hidden_layers):
+        for row in spec.layer_weights(cfg, layer):
+            if row.is_linear_weight:
+                out.update({hf: (layer, row) for hf in row.hf})
+    return out
+
+
 def excluded_hf_modules(cfg: ModelConfig, quant: QuantConfig) -> list[str]:
     """HF module names kept unquantized (ModelOpt lists the embedding and lm_head, then any excluded linears)."""
     names = ["lm_head", "model.embed_tokens"]
     if quant.quant_algo is None:
         return names
-    for layer in range(cfg.num_hidden_layers):
-        for hf, module in HF_LINEARS.items():
-            if linear_quant_algo(quant, f"transformer.layers.{layer}.{module}") is None:
-                names.append(f"model.layers.{layer}.{hf}")
+    for hf, (_, row) in hf_linears(cfg).items():
+        if linear_quant_algo(quant, row.module) is None:
+            names.append(hf.removesuffix(".weight"))
     return names
 
 
@@ -137,21 +140,23 @@ class _Layout:
 
     def __init__(self, ckpt: HFCheckpoint, cfg: ModelConfig, dtype: torch.dtype):
         self.ckpt, self.cfg, self.dtype, self.quant = ckpt, cfg, dtype, cfg.quantization
-        self.algo: dict[str, tuple[int, str, str | None]] = {}  # HF weight name -> (layer, module, algo)
-        for layer in range(cfg.num_hidden_layers):
-            for hf, module in HF_LINEARS.items():
-                algo = linear_quant_algo(self.quant, f"transformer.layers.{layer}.{module}")
-                self.algo[f"model.layers.{layer}.{hf}.weight"] = (layer, module, algo)
+        keys = arch_spec(cfg.architecture).stats_keys(cfg)
+        self.algo: dict[str, tuple[int, str, str | None]] = {}  # HF weight name -> (layer, stats module, algo)
+        self.folds: dict[str, str | None] = {}  # HF weight name -> the norm its AWQ pre-quant scale folds into
+        for hf, (layer, row) in hf_linears(cfg).items():
+            self.algo[hf] = (layer, keys[row.relative], linear_quant_algo(self.quant, row.module))
+            self.folds[hf] = row.fold_into
         # RMSNorm weights that absorb an AWQ pre-quant scale: every linear they feed must be AWQ-quantized.
         self.folded: dict[str, tuple[int, str]] = {}
         if self.quant.quant_algo == "W4A16_AWQ":
             for layer in range(cfg.num_hidden_layers):
-                for norm in ("input_layernorm", "post_attention_layernorm"):
-                    fed = [(m, a) for name, (lay, m, a) in self.algo.items()
-                           if lay == layer and FOLDED_INTO.get(m) == norm]
-                    if fed and all(a == "W4A16_AWQ" for _, a in fed):
-                        self.folded[f"model.layers.{layer}.{norm}.weight"] = (layer, CALIB_MODULE.get(fed[0][0],
-                                                                                                    fed[0][0]))
+                fed: dict[str, list[tuple[str, str | None]]] = {}
+                for hf, (lay, key, algo) in self.algo.items():
+                    if lay == layer and self.folds[hf] is not None:
+                        fed.setdefault(self.folds[hf], []).append((key, algo))
+                for norm, linears in fed.items():
+                    if all(a == "W4A16_AWQ" for _, a in linears):
+                        self.folded[f"model.layers.{layer}.{norm}.weight"] = (layer, linears[0][0])
 
     def entries(self, name: str) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         """(output name, dtype, shape) of what HF tensor `name` becomes."""
@@ -171,7 +176,7 @@ class _Layout:
         elif algo in ("W4A16", "W4A16_AWQ"):
             parts = [("weight", torch.uint8, (out // 2, in_features)),
                      ("weight_scale", torch.float32, (out, in_features // group))]
-            if algo == "W4A16_AWQ" and FOLDED_INTO.get(self.algo[name][1]) is None:
+            if algo == "W4A16_AWQ" and self.folds[name] is None:
                 parts.append(("pre_quant_scale", self.dtype, (in_features,)))
         else:  # FP8
             parts = [("weight", torch.float8_e4m3fn, (out, in_features)), ("weight_scale", torch.float32, ()),
@@ -209,14 +214,14 @@ def _produce(layout: _Layout, name: str, calib) -> Iterator[tuple[str, torch.Ten
     elif algo in ("W4A16", "W4A16_AWQ"):
         scales = x_abs_mean = None
         if algo == "W4A16_AWQ":
-            stats, key = calib.layers[layer], CALIB_MODULE.get(module, module)
-            scales, x_abs_mean = stats.awq_scales[key], stats.awq_x_abs_mean[key]
+            stats = calib.layers[layer]
+            scales, x_abs_mean = stats.awq_scales[module], stats.awq_x_abs_mean[module]
         awq = quantize_awq(tensor, quant.group_size, scales, dtype, x_abs_mean)
         parts = {"weight": awq["weight"].view(torch.uint8), "weight_scale": awq["weights_scaling_factor"]}
-        if algo == "W4A16_AWQ" and FOLDED_INTO.get(module) is None:
+        if algo == "W4A16_AWQ" and layout.folds[name] is None:
             parts["pre_quant_scale"] = awq["prequant_scaling_factor"]
     else:  # FP8: q/k/v and gate/up share the weight amax of their fused TensorRT-LLM module
-        stats, key = calib.layers[layer], CALIB_MODULE.get(module, module)
+        stats, key = calib.layers[layer], module
         fp8 = quantize_fp8(tensor, stats.input_amax[key], stats.weight_amax[key])
         parts = {"weight": fp8["weight"], "weight_scale": _scalar(fp8["weights_scaling_factor"]),
                  "input_scale": _scalar(fp8["activation_scaling_factor"])}
@@ -227,7 +232,7 @@ def _produce(layout: _Layout, name: str, calib) -> Iterator[tuple[str, torch.Ten
 
 
 def _default_calibrate(quant_options, max_len: int) -> Calibrate:
-    """Layer-by-layer calibration of builder.quantize.layerwise on --calib-data (the same as the TensorRT-LLM path)."""
+    """Layer-by-layer calibration of builder.checkpoint.calibration on --calib-data (the same as the TensorRT-LLM path)."""
     options = quant_options or QuantOptions()
 
     def run(ckpt: HFCheckpoint, cfg: ModelConfig):
@@ -245,7 +250,7 @@ def export_hf_checkpoint(hf_dir: Path, out_dir: Path, settings: BuildSettings, t
 
     Returns the EngineConfig the repository is rendered from (mapping = the tensor-parallel size TensorRT-LLM will
     shard to at load time; the files themselves are not sharded). `calibrate(ckpt, cfg)` supplies the statistics of
-    AWQ, FP8 and the FP8 KV cache (default: builder.quantize.layerwise on quant_options' calibration text).
+    AWQ, FP8 and the FP8 KV cache (default: builder.checkpoint.calibration on quant_options' calibration text).
     """
     settings.validate()
     quant = quant_config or QuantConfig()
@@ -257,7 +262,7 @@ def export_hf_checkpoint(hf_dir: Path, out_dir: Path, settings: BuildSettings, t
     cfg.mapping = Mapping(world_size=tp_size, tp_size=tp_size, pp_size=1)
     exported = exported_quant_config(quant)
     cfg.quantization = exported  # group-wise int4 must fit every rank's input width (TensorRT-LLM shards at load)
-    validate_model_quantization(cfg, tp_size)
+    arch_spec(cfg.architecture).check_quantization(cfg, tp_size)
     cfg.quantization = quant  # the layout follows the requested mode (int4_wo: no AWQ search, no pre-quant scales)
     calib = None
     if needs_calibration(quant):

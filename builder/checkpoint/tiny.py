@@ -1,5 +1,5 @@
 """Deterministic, offline tiny random-init Hugging Face checkpoints for tests and demos: the built-in models of
-builder.models.TINY_MODELS (tiny-llama, tiny-mistral, tiny-qwen2, tiny-llama3.2)."""
+builder.models.TINY_MODELS (tiny-llama, tiny-mistral, tiny-qwen2, tiny-qwen3, tiny-llama3.2)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from builder.models import tiny_model
+from builder.models import arch_spec, tiny_model
 
 CORPUS = Path(__file__).parent / "data" / "corpus.txt"
 MAX_SHARD_SIZE = "200KB"  # the tiny model is ~0.7 MB, so this gives several shards plus an index
@@ -29,12 +29,13 @@ class TinySpec:
     vocab_size: int
 
 
-SPECS = {
-    "LlamaForCausalLM": TinySpec("llama", True, "<|begin_of_text|>", "<|end_of_text|>", None, "<|end_of_text|>",
-                                 False, 768),
-    "MistralForCausalLM": TinySpec("mistral", False, "<s>", "</s>", "<unk>", "</s>", False, 768),
-    "Qwen2ForCausalLM": TinySpec("qwen2", True, None, "<|endoftext|>", None, "<|endoftext|>", True, 768),
-}
+TINY_VOCAB = 768
+
+
+def tiny_spec(architecture: str) -> TinySpec:
+    """The tiny-model choices of `architecture`, from its family file (ArchSpec.tiny_layout)."""
+    return TinySpec(*arch_spec(architecture).tiny_layout[architecture], TINY_VOCAB)
+
 
 SHAPES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
               intermediate_size=128, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0)
@@ -46,7 +47,7 @@ def make_tiny_model(dest_dir: Path, model: str = "tiny-llama", seed: int = 0) ->
     """Write the built-in tiny model `model` (a builder.models.TINY_MODELS name, or an architecture name for its
     default tiny model) as an HF folder (sharded safetensors + index, config, tokenizer) into dest_dir; return it."""
     tiny = tiny_model(model)
-    spec = SPECS[tiny.architecture]
+    spec = tiny_spec(tiny.architecture)
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(spec)

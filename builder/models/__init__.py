@@ -1,23 +1,29 @@
-"""The model registry (issue #12): the Hugging Face architectures builder serves, the family each belongs to, and the
-built-in tiny models. Data only, no torch: the CLI, the build and the checkpoint reader consult it.
+"""The model registry (issue #12): the Hugging Face architectures builder serves, the family file that runs each,
+and the built-in tiny models. Data only, no torch: the CLI, the build and the checkpoint reader consult it; a family
+file (builder/models/<family>.py: config translation, weight table, forward pass) is imported only when asked for
+(arch_spec), so `builder --help` and `builder serve` start without torch.
 
-Adding an architecture starts here: one line in REGISTRY naming its family (and, for a built-in tiny model of it, one
-entry in TINY_MODELS). The family's code is still spread over checkpoint/, quantize/ and runtime/models/; it moves
-into one file per family (builder/models/<family>.py) as issue #12 goes on.
+Adding an architecture: its family file, one line in REGISTRY (and one entry in TINY_MODELS for a built-in tiny model
+of it); docs/adding-a-model.md walks through it.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from builder.errors import UnsupportedArchitectureError
+
+if TYPE_CHECKING:
+    from builder.models.spec import ArchSpec
 
 # HF `architectures[0]` -> the family that runs it
 REGISTRY: dict[str, str] = {
     "LlamaForCausalLM": "llama",    # Llama 2 / 3 / 3.1 / 3.2 (rope scaling, tied embeddings)
     "MistralForCausalLM": "llama",  # Llama layers; sliding window unset or longer than the sequences
     "Qwen2ForCausalLM": "llama",    # Llama layers with a qkv bias
+    "Qwen3ForCausalLM": "qwen3",    # Llama layers with per-head q/k RMSNorm, no qkv bias
 }
 
 
@@ -40,6 +46,8 @@ TINY_MODELS: dict[str, TinyModel] = {
     "tiny-llama": TinyModel("LlamaForCausalLM", "Llama 3 layout: byte-level BPE, untied embeddings"),
     "tiny-mistral": TinyModel("MistralForCausalLM", "Mistral layout: SentencePiece-style BPE"),
     "tiny-qwen2": TinyModel("Qwen2ForCausalLM", "Qwen2 layout: qkv bias, tied embeddings"),
+    "tiny-qwen3": TinyModel("Qwen3ForCausalLM", "Qwen3 layout: per-head q/k RMSNorm, head_dim 32 != hidden/heads, "
+                            "tied embeddings", {"head_dim": 32}),
     "tiny-llama3.2": TinyModel("LlamaForCausalLM", "Llama 3.2 layout: tied embeddings (no lm_head tensor), llama3 "
                                "rope scaling with factor 32",
                                {"tie_word_embeddings": True, "rope_scaling": LLAMA32_ROPE}),
@@ -64,3 +72,8 @@ def tiny_model(name: str) -> TinyModel:
     if key not in TINY_MODELS:
         raise UnsupportedArchitectureError(f"no built-in tiny model {name!r}; use one of {', '.join(TINY_MODELS)}")
     return TINY_MODELS[key]
+
+
+def arch_spec(architecture: str, where: str = "") -> "ArchSpec":
+    """The family file's ArchSpec for `architecture` (builder.models.<family>.SPEC, imported on first use)."""
+    return importlib.import_module(f"{__name__}.{family(architecture, where)}").SPEC

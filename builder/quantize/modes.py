@@ -24,9 +24,6 @@ SUPPORTED_GROUP_SIZES = (64, 128)
 DEFAULT_GROUP_SIZE = 128
 DEFAULT_EXCLUDE_MODULES = ("lm_head",)
 GROUPWISE_ALGOS = ("W4A16_AWQ",)
-# TensorRT-LLM module names (weight name minus ".weight") of the linears a quant_algo applies to.
-QUANTIZABLE_LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj", "lm_head")
-ROW_PARALLEL_LINEARS = ("attention.dense", "mlp.proj")
 
 
 def resolve_quant_config(quantization: str = "none", kv_cache: str = "auto", group_size: int | None = None,
@@ -86,22 +83,15 @@ def is_excluded(trtllm_name: str, patterns: Sequence[str] | None) -> bool:
     return any(fnmatch.fnmatchcase(trtllm_name, pattern) for pattern in patterns or ())
 
 
-def is_row_parallel(trtllm_name: str) -> bool:
-    """True for linears split along their input dimension under tensor parallelism (dense, proj)."""
-    return trtllm_name.endswith(ROW_PARALLEL_LINEARS)
-
-
 def linear_quant_algo(config: QuantConfig, trtllm_name: str) -> str | None:
-    """The quant_algo that applies to one module (None when unquantized, excluded or not a linear)."""
-    if config.quant_algo is None or not trtllm_name.endswith(QUANTIZABLE_LINEARS):
+    """The quant_algo that applies to the linear module `trtllm_name` (None when unquantized or excluded); which
+    modules are quantizable linears is the family's weight table's to say (builder.models.spec.WeightSpec)."""
+    if config.quant_algo is None:
         return None
     return None if is_excluded(trtllm_name, config.exclude_modules) else config.quant_algo
 
 
 CALIBRATED_ALGOS = ("W4A16_AWQ", "FP8")  # need activation statistics (KV-cache quantization needs them too)
-# (module suffix, row parallel) of every quantizable decoder linear; the input width comes from the model config.
-DECODER_LINEARS = (("attention.qkv", False), ("attention.dense", True), ("mlp.fc", False), ("mlp.gate", False),
-                   ("mlp.proj", True))
 
 
 def needs_calibration(config: QuantConfig) -> bool:
@@ -109,16 +99,11 @@ def needs_calibration(config: QuantConfig) -> bool:
     return config.quant_algo in CALIBRATED_ALGOS or config.kv_cache_quant_algo is not None
 
 
-def linear_widths(cfg, module: str) -> tuple[int, int]:
-    """(out, in) features of a decoder linear of the full (unsplit) model; cfg is a ModelConfig."""
-    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_size
-    return {"attention.qkv": ((cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d, h),
-            "attention.dense": (h, cfg.num_attention_heads * d),
-            "mlp.fc": (i, h), "mlp.gate": (i, h), "mlp.proj": (h, i)}[module]
-
-
-def validate_model_quantization(cfg, tp_size: int = 1) -> None:
+def validate_model_quantization(cfg, tp_size: int, linears: Sequence[tuple[str, int, int, str]]) -> None:
     """Raise ConfigError (with a fix) when cfg.quantization cannot be applied to this model at tp_size.
+
+    linears: (module without the layer prefix, out, in, parallel style) of each quantizable decoder linear, from the
+    family's weight table (builder.models.spec.ArchSpec.decoder_linears).
 
     Checks: lm_head stays excluded (no mode quantizes it: TensorRT-LLM's weight-only build never does, and the
     calibrated modes are not wired for it); for int4_awq every quantized linear's per-rank input width is a
@@ -136,14 +121,16 @@ def validate_model_quantization(cfg, tp_size: int = 1) -> None:
                           "default); keep 'lm_head' in --exclude-modules")
     if config.quant_algo not in GROUPWISE_ALGOS:
         return
-    problems = _awq_width_problems(cfg, config.group_size, tp_size)
+    problems = _awq_width_problems(cfg, config.group_size, tp_size, linears)
     if not problems:
         return
     fixes = []
-    sizes = [g for g in SUPPORTED_GROUP_SIZES if g != config.group_size and not _awq_width_problems(cfg, g, tp_size)]
+    sizes = [g for g in SUPPORTED_GROUP_SIZES
+             if g != config.group_size and not _awq_width_problems(cfg, g, tp_size, linears)]
     if sizes:
         fixes.append(f"--group-size {sizes[0]}")
-    tps = [t for t in _valid_tps(cfg) if t != tp_size and not _awq_width_problems(cfg, config.group_size, t)]
+    tps = [t for t in _valid_tps(cfg)
+           if t != tp_size and not _awq_width_problems(cfg, config.group_size, t, linears)]
     if tps:
         fixes.append(f"--tp {' or '.join(map(str, tps))}")
     module = problems[0].split(":")[0]
@@ -152,14 +139,14 @@ def validate_model_quantization(cfg, tp_size: int = 1) -> None:
                       f"use {', or '.join(fixes)}")
 
 
-def _awq_width_problems(cfg, group_size: int, tp_size: int) -> list[str]:
+def _awq_width_problems(cfg, group_size: int, tp_size: int, linears: Sequence[tuple[str, int, int, str]]) -> list[str]:
     """Why group-wise int4 does not fit the quantized linears at (group_size, tp_size); empty when it does."""
     problems = []
     for layer in range(cfg.num_hidden_layers):
-        for module, row in DECODER_LINEARS:
+        for module, out, in_features, style in linears:
             if linear_quant_algo(cfg.quantization, f"transformer.layers.{layer}.{module}") is None:
                 continue
-            out, in_features = linear_widths(cfg, module)
+            row = style == "row"
             local_in = in_features // tp_size if row else in_features
             if in_features % tp_size if row else False:
                 problems.append(f"{module}: {in_features} input features do not split over tp {tp_size}")
@@ -167,15 +154,16 @@ def _awq_width_problems(cfg, group_size: int, tp_size: int) -> list[str]:
                 where = f"{in_features}/{tp_size} = {local_in}" if row and tp_size > 1 else f"{in_features}"
                 problems.append(f"{module}: input features per rank ({where}) are not a multiple of the group size "
                                 f"{group_size}")
-            elif _local_out(cfg, module, out, row, tp_size) % 2:
-                problems.append(f"{module}: {_local_out(cfg, module, out, row, tp_size)} output rows per rank are "
+            elif _local_out(cfg, out, style, tp_size) % 2:
+                problems.append(f"{module}: {_local_out(cfg, out, style, tp_size)} output rows per rank are "
                                 "odd, but int4 packs two rows per byte")
     return problems
 
 
-def _local_out(cfg, module: str, out: int, row: bool, tp_size: int) -> int:
+def _local_out(cfg, out: int, style: str, tp_size: int) -> int:
     """Output rows of a linear on one rank (qkv: local query heads + duplicated-or-split KV heads)."""
-    if module == "attention.qkv":
+    row = style == "row"
+    if style == "qkv":
         return (cfg.num_attention_heads // tp_size + 2 * -(-cfg.num_key_value_heads // tp_size)) * cfg.head_size
     return out if row else out // tp_size
 

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from builder.checkpoint.safetensors_io import ST_DTYPES
-from builder.checkpoint.trtllm import expected_weights, rank_layout
+from builder.models.layout import expected_weights, rank_layout
 from builder.config import ModelConfig
 from builder.errors import BuilderError
 

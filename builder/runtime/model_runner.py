@@ -12,9 +12,9 @@ import torch
 
 from builder.config import EngineConfig
 from builder.errors import ConfigError
+from builder.models import arch_spec
 from builder.runtime.block_manager import BlockManager
 from builder.runtime.cuda_graphs import DecodeGraphs
-from builder.runtime.models import model_class
 from builder.runtime.scheduler import SchedulerOutput
 from builder.runtime.weights import expected_layout, load_weights, torch_dtype
 from plugins import AttentionMetadata, uses_gpu_kernels
@@ -54,7 +54,7 @@ def kv_cache_dtype(engine_config: EngineConfig) -> torch.dtype:
 
 def kv_block_bytes(engine_config: EngineConfig) -> int:
     """Bytes of one KV block across all layers (K and V) on one rank, as the model's KVCacheSpec lays it out."""
-    spec = model_class(engine_config.model).kv_cache_spec(engine_config.model)
+    spec = arch_spec(engine_config.model.architecture).model_class().kv_cache_spec(engine_config.model)
     return spec.block_bytes(engine_config.build.tokens_per_block, kv_cache_dtype(engine_config))
 
 
@@ -123,7 +123,7 @@ class ModelRunner:
         self.vocab_size = m.vocab_size
         self.tokens_per_block = b.tokens_per_block
         all_reduce, all_reduce_max = (self.tp.all_reduce, self.tp.all_reduce_max) if self.tp else (None, None)
-        model_cls = model_class(m)
+        model_cls = arch_spec(m.architecture).model_class()
         self.model = model_cls(m, load_weights(engine_dir, m, device, rank), b.max_seq_len, device, all_reduce,
                                all_reduce_max)
         self.kv_cache = model_cls.kv_cache_spec(m).allocate(num_blocks, b.tokens_per_block,

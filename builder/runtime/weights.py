@@ -1,4 +1,5 @@
-"""Load and check an engine folder's rank{N}.safetensors against the TensorRT-LLM Llama-family weight names."""
+"""Load and check an engine folder's rank{N}.safetensors against the layout of its family's weight table
+(builder.models.layout)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from builder.checkpoint.trtllm import TensorSpec, expected_weights, rank_layout
 from builder.config import ModelConfig
 from builder.errors import ConfigError
-from builder.quantize.modes import validate_model_quantization
+from builder.models import arch_spec
+from builder.models.layout import TensorSpec, expected_weights, rank_layout
 from plugins.formats import TORCH_DTYPES
-
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -51,7 +51,7 @@ def load_weights(engine_dir: Path, cfg: ModelConfig, device: torch.device, rank:
     if not path.is_file():
         raise ConfigError(f"engine folder {engine_dir} has no {path.name}; rebuild it with `builder build`")
     dtype = torch_dtype(cfg.dtype)
-    validate_model_quantization(cfg, tp)
+    arch_spec(cfg.architecture).check_quantization(cfg, tp)
     layout = expected_layout(cfg)
     weights: dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt") as f:

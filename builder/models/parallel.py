@@ -1,11 +1,11 @@
-"""Tensor-parallel splits of TensorRT-LLM Llama-family tensors: the one place that knows which name splits how.
+"""Tensor-parallel splits of engine tensors, by the parallel style the family's weight table gives each module.
 
 Rules (docs: trtllm-checkpoint.md section 2; ModelOpt's export for the quantization tensors):
-  column-parallel linears (attention.qkv, mlp.fc, mlp.gate, lm_head): output rows split (dim 0);
-    attention.qkv splits q, k and v separately and concatenates rank r's parts [q_r; k_r; v_r]; when
+  column-parallel linears (COLUMN: mlp.fc, mlp.gate; QKV: attention.qkv; VOCAB: lm_head): output rows split (dim 0);
+    QKV splits q, k and v separately and concatenates rank r's parts [q_r; k_r; v_r]; when
     tp > num_key_value_heads every KV head is first duplicated tp/nkv times, so each rank owns one;
-    lm_head is zero-padded to a multiple of tp rows first.
-  row-parallel linears (attention.dense, mlp.proj): input columns split (dim 1); biases kept whole.
+    VOCAB is zero-padded to a multiple of tp rows first.
+  row-parallel linears (ROW: attention.dense, mlp.proj): input columns split (dim 1); biases kept whole.
   everything else (norms, vocab_embedding with use_parallel_embedding false, KV-cache scales): replicated.
 Per-suffix table SPLIT_DIMS says which dim of each tensor of a linear follows that split (quantization scales
 included); a tensor that lacks that dim (a per-output-channel [out] scale of a row-parallel linear) or holds a
@@ -23,20 +23,8 @@ import torch
 
 from builder.config import ModelConfig
 from builder.errors import ConfigError
-
-COLUMN, ROW, REPLICATED = "column", "row", "replicated"
-
-# TRT-LLM module name suffix (tensor name minus its last component) -> parallel style.
-MODULE_STYLES = {
-    "attention.qkv": COLUMN,
-    "mlp.fc": COLUMN,
-    "mlp.gate": COLUMN,
-    "lm_head": COLUMN,
-    "attention.dense": ROW,
-    "mlp.proj": ROW,
-}
-QKV_MODULE = "attention.qkv"
-VOCAB_MODULE = "lm_head"
+from builder.models import arch_spec
+from builder.models.spec import COLUMN, QKV, REPLICATED, ROW, VOCAB, relative
 
 # Parallel style -> tensor suffix -> dim split across ranks (None: the same tensor on every rank).
 SPLIT_DIMS: dict[str, dict[str, int | None]] = {
@@ -101,25 +89,24 @@ def padded_vocab(vocab_size: int, tp: int) -> int:
     return -(-vocab_size // tp) * tp
 
 
-def parallel_style(name: str) -> str:
-    """COLUMN, ROW or REPLICATED for a TRT-LLM tensor name (use_parallel_embedding false)."""
-    module = name.rsplit(".", 1)[0] if "." in name else name
-    for suffix, style in MODULE_STYLES.items():
-        if module == suffix or module.endswith("." + suffix):
-            return style
-    return REPLICATED
+def parallel_style(name: str, cfg: ModelConfig) -> str:
+    """The family table's style (COLUMN, ROW, QKV, VOCAB, REPLICATED) of the module of engine tensor `name`; tensors
+    outside the table (KV-cache scales) are REPLICATED (use_parallel_embedding false: the embedding too)."""
+    module = relative(name.rsplit(".", 1)[0] if "." in name else name)
+    row = arch_spec(cfg.architecture).modules(cfg).get(module)
+    return REPLICATED if row is None else row.style
 
 
-def split_dim(name: str, ndim: int, numel: int) -> int | None:
+def split_dim(name: str, ndim: int, numel: int, cfg: ModelConfig) -> int | None:
     """The dim of `name` split across ranks, or None when every rank holds it whole."""
-    style = parallel_style(name)
+    style = parallel_style(name, cfg)
     if style == REPLICATED or numel == 1:
         return None
     suffix = name.rsplit(".", 1)[-1]
-    rules = SPLIT_DIMS[style]
+    rules = SPLIT_DIMS[ROW if style == ROW else COLUMN]
     if suffix not in rules:
         raise ConfigError(f"no tensor-parallel rule for {name}; add {suffix!r} to "
-                          "builder.checkpoint.shard.SPLIT_DIMS")
+                          "builder.models.parallel.SPLIT_DIMS")
     dim = rules[suffix]
     return dim if dim is not None and dim < ndim else None
 
@@ -130,14 +117,14 @@ def plan_split(name: str, shape: tuple[int, ...] | list[int], cfg: ModelConfig, 
     numel = 1
     for s in shape:
         numel *= s
-    dim = split_dim(name, len(shape), numel) if tp > 1 else None
+    dim = split_dim(name, len(shape), numel, cfg) if tp > 1 else None
     if dim is None:
         return Split(None)
     size = shape[dim]
-    module = name.rsplit(".", 1)[0]
-    if dim == 0 and module.endswith(QKV_MODULE):
+    style = parallel_style(name, cfg)
+    if dim == 0 and style == QKV:
         return Split(0, _qkv_ranges(name, size, cfg, rank, tp))
-    if dim == 0 and module.endswith(VOCAB_MODULE):
+    if dim == 0 and style == VOCAB:
         per = padded_vocab(size, tp) // tp
         start, stop = min(rank * per, size), min((rank + 1) * per, size)
         return Split(0, ((start, stop),), per - (stop - start))

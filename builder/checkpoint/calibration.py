@@ -126,6 +126,14 @@ class _InputStats:
         return self.stats
 
 
+def calibration_device(engine_device: str) -> torch.device:
+    """Where calibration runs: the engine's CUDA device when this machine has one (`builder build --device cuda`),
+    else the CPU (a build for a GPU server made on a CPU machine calibrates on the CPU)."""
+    if engine_device.startswith("cuda") and torch.cuda.is_available():
+        return torch.device(engine_device)
+    return torch.device("cpu")
+
+
 class _Observed:
     """A linear that folds its inputs into the statistics of its group, then runs as before."""
 

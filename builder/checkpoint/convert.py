@@ -13,7 +13,7 @@ from rich.progress import Progress, track
 
 from builder.checkpoint.hf import HFCheckpoint, staged_tokenizer
 from builder.checkpoint.safetensors_io import write_streaming
-from builder.checkpoint.calibration import Calibration, calibrate, calibration_tokens
+from builder.checkpoint.calibration import Calibration, calibrate, calibration_device, calibration_tokens
 from builder.checkpoint.trtllm import model_config_from_hf, plan_weights
 from builder.config import BuildSettings, EngineConfig, Mapping, ModelConfig, QuantConfig, QuantOptions
 from builder.errors import ConfigError
@@ -95,7 +95,8 @@ def convert_checkpoint(hf_dir: Path, engine_dir: Path, settings: BuildSettings, 
         with Progress(transient=True, console=console, disable=not console.is_terminal) as progress:
             task = progress.add_task(f"Calibrating ({tokens.shape[0]} x {tokens.shape[1]} tokens)",
                                      total=model_cfg.num_hidden_layers)
-            calib = calibrate(ckpt, model_cfg, tokens, progress=lambda _: progress.advance(task))
+            calib = calibrate(ckpt, model_cfg, tokens, progress=lambda _: progress.advance(task),
+                              device=calibration_device(settings.device))
     engine_dir = Path(engine_dir)
     engine_dir.mkdir(parents=True, exist_ok=True)
     layout = rank_layout(model_cfg, {row.engine: row.shape for row in plan}, tp_size)

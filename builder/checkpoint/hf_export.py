@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from builder import __version__
-from builder.checkpoint.calibration import calibrate, calibration_tokens
+from builder.checkpoint.calibration import calibrate, calibration_device, calibration_tokens
 from builder.checkpoint.convert import plan_checkpoint
 from builder.checkpoint.hf import HFCheckpoint, copy_tokenizer, staged_tokenizer
 from builder.checkpoint.safetensors_io import write_streaming
@@ -231,7 +231,7 @@ def _produce(layout: _Layout, name: str, calib) -> Iterator[tuple[str, torch.Ten
         yield kv
 
 
-def _default_calibrate(quant_options, max_len: int) -> Calibrate:
+def _default_calibrate(quant_options, max_len: int, device: str = "cpu") -> Calibrate:
     """Layer-by-layer calibration of builder.checkpoint.calibration on --calib-data (the same as the TensorRT-LLM path)."""
     options = quant_options or QuantOptions()
 
@@ -239,7 +239,7 @@ def _default_calibrate(quant_options, max_len: int) -> Calibrate:
         with staged_tokenizer(ckpt.dir) as tokenizer_dir:
             tokens = calibration_tokens(tokenizer_dir, options.calib_data, options.calib_size, options.calib_seq_len,
                                         max_len)
-        return calibrate(ckpt, cfg, tokens)
+        return calibrate(ckpt, cfg, tokens, device=calibration_device(device))
     return run
 
 
@@ -266,7 +266,7 @@ def export_hf_checkpoint(hf_dir: Path, out_dir: Path, settings: BuildSettings, t
     cfg.quantization = quant  # the layout follows the requested mode (int4_wo: no AWQ search, no pre-quant scales)
     calib = None
     if needs_calibration(quant):
-        calibrate = calibrate or _default_calibrate(quant_options, settings.max_seq_len)
+        calibrate = calibrate or _default_calibrate(quant_options, settings.max_seq_len, settings.device)
         calib = calibrate(ckpt, cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -114,31 +114,31 @@ class DecoderModel:
                  device: torch.device, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  all_reduce_max: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Bind the weights and precompute the RoPE tables for positions < max_positions."""
-        self._setup(cfg, max_positions, device, all_reduce)
+        self._setup(cfg, all_reduce)
         self.embedding = weights["transformer.vocab_embedding.weight"]
         self.final_norm = weights["transformer.ln_f.weight"]
         self.lm_head = weights["lm_head.weight"]
         row_amax = all_reduce_max if cfg.mapping.tp_size > 1 else None
         self.layers = [DecoderLayer.from_table(weights, self.layer_table(cfg, i), cfg, row_amax)
                        for i in range(cfg.num_hidden_layers)]
+        self.cos, self.sin = rope_tables(cfg, max_positions, device)
 
     @classmethod
     def without_weights(cls, cfg: ModelConfig, max_positions: int, device: torch.device) -> "DecoderModel":
         """The model's layer code and RoPE tables alone, to run layers one at a time (run_layer: calibration)."""
         model = cls.__new__(cls)
-        model._setup(cfg, max_positions, device, None)
+        model._setup(cfg, None)
         model.layers = []
+        model.cos, model.sin = rope_tables(cfg, max_positions, device)
         return model
 
-    def _setup(self, cfg: ModelConfig, max_positions: int, device: torch.device,
-               all_reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+    def _setup(self, cfg: ModelConfig, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
         if cfg.hidden_act != "silu" or cfg.position_embedding_type != "rope_gpt_neox":
             raise ConfigError(f"model uses hidden_act={cfg.hidden_act!r}, position_embedding_type="
                               f"{cfg.position_embedding_type!r}; this runtime runs silu + rope_gpt_neox models only")
         self.cfg = cfg
         self.num_heads, self.num_kv_heads = cfg.local_heads()
         self.all_reduce = all_reduce if all_reduce is not None and cfg.mapping.tp_size > 1 else None
-        self.cos, self.sin = rope_tables(cfg, max_positions, device)
         self.scale = cfg.head_size ** -0.5
 
     @staticmethod
@@ -191,7 +191,7 @@ class DecoderModel:
         """Fused QKV projection, (q/k norm), RoPE, KV-cache store, paged attention and output projection."""
         nq, nkv, d = self.num_heads, self.num_kv_heads, self.cfg.head_size
         q, k, v = w.qkv_proj(x).split([nq * d, nkv * d, nkv * d], dim=-1)
-        q, k = q.reshape(-1, nq, d), k.reshape(-1, nkv, d)
+        q, k = q.view(-1, nq, d), k.view(-1, nkv, d)
         if self.qk_norm:  # per head, before RoPE
             q = plugins.rms_norm(q.reshape(-1, d), w.q_norm, self.cfg.norm_epsilon).view(-1, nq, d)
             k = plugins.rms_norm(k.reshape(-1, d), w.k_norm, self.cfg.norm_epsilon).view(-1, nkv, d)

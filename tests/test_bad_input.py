@@ -195,6 +195,7 @@ def test_max_bytes_per_token_of_the_tiny_tokenizers(tiny_checkpoints):
 
     got = {arch: max_bytes_per_token(load_tokenizer(path)) for arch, path in tiny_checkpoints.items()}
     assert got == {"LlamaForCausalLM": 17, "MistralForCausalLM": 11, "Qwen2ForCausalLM": 4 * 13,
+                   "Qwen3ForCausalLM": 13,  # the same vocabulary as tiny-qwen2's, no normalizer
                    "tiny-llama3.2": 17}  # tiny-llama's tokenizer
 
 

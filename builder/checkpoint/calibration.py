@@ -203,7 +203,8 @@ def _kv_observer(result: LayerCalibration, head_size: int) -> Callable[[torch.Te
 def _prefill(count: int, seq_len: int, cfg: ModelConfig, model: DecoderModel, device: torch.device):
     """(positions, one layer's KV cache, metadata) for `count` whole sequences of seq_len tokens, one block each."""
     positions = torch.arange(seq_len, device=device).repeat(count)
-    cache = model.kv_cache_spec(cfg).allocate(count, seq_len, torch.float32, device)[0]
+    one_layer = replace(model.kv_cache_spec(cfg), layers=1)  # the pool of this layer only
+    cache = one_layer.allocate(count, seq_len, torch.float32, device)[0]
     meta = plugins.AttentionMetadata(
         slot_mapping=torch.arange(count * seq_len, device=device),
         block_tables=torch.arange(count, dtype=torch.int32, device=device)[:, None],

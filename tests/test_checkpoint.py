@@ -183,6 +183,10 @@ def test_rope_settings_from_hf_config():
     cfg = model_config_from_hf({**base, "rope_parameters": {**llama3, "rope_theta": 5e5}}, "bfloat16")
     assert cfg.rotary_base == 5e5 and cfg.rotary_scaling == llama3
     old = model_config_from_hf({**base, "rope_theta": 5e5, "rope_scaling": {"type": "linear", "factor": 2.0}}, "float16")
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert model_config_from_hf({**base, "rope_scaling": yarn}, "bfloat16").rotary_scaling == yarn
+    with pytest.raises(CheckpointError, match="rope scaling 'dynamic' is not supported yet"):  # at build, not serve
+        model_config_from_hf({**base, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "float32")
     assert old.rotary_scaling == {"type": "linear", "factor": 2.0}
 
 

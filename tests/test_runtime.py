@@ -23,6 +23,8 @@ ROPE_VARIANTS = {
     "linear": {"rope_type": "linear", "factor": 4.0},
     "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16},
+    # Qwen2.5 / Qwen3 long context; beta_fast 8 puts the ramp inside head_dim 16's 8 frequencies
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 8.0},
 }
 
 
@@ -98,7 +100,7 @@ def run_all(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingPara
     return got
 
 
-@pytest.mark.parametrize("key", [*ARCHITECTURES, "LlamaForCausalLM-linear", "LlamaForCausalLM-llama3"])
+@pytest.mark.parametrize("key", [*ARCHITECTURES, *(f"LlamaForCausalLM-{rope}" for rope in ROPE_VARIANTS)])
 def test_greedy_matches_transformers(models, key):
     model, engine_dir = models[key]
     engine = LLMEngine(engine_dir)
@@ -348,3 +350,31 @@ def test_half_precision_engines_run(models, tmp_path, dtype):
     reference = [hf_greedy(model, p, 6) for p in batch]
     assert all(len(o) == 6 for o in ours)
     assert [o[0] for o in ours] == [r[0] for r in reference]
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},  # Qwen3's long-context setting
+    {"rope_type": "yarn", "factor": 40.0, "mscale": 1.0, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1,
+     "original_max_position_embeddings": 4096},
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096, "truncate": False},
+])
+def test_rope_frequencies_and_attention_factor_match_transformers(rope):
+    """Inverse frequencies and the cos/sin attention factor equal transformers' ROPE_INIT_FUNCTIONS for real-model
+    settings (head_dim 128, theta 1e6, 131072 positions)."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from builder.config import ModelConfig
+    from builder.layers.rotary import rope_attention_factor, rope_inv_freq
+
+    hf = LlamaConfig(hidden_size=4096, num_attention_heads=32, head_dim=128, max_position_embeddings=131072,
+                     rope_parameters={"rope_theta": 1e6, **rope})
+    want, want_factor = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf, torch.device("cpu"))
+    cfg = ModelConfig(architecture="LlamaForCausalLM", dtype="float32", vocab_size=8, hidden_size=4096,
+                      num_hidden_layers=1, num_attention_heads=32, num_key_value_heads=8, head_size=128,
+                      intermediate_size=8, max_position_embeddings=131072, rotary_base=1e6, rotary_scaling=rope)
+    torch.testing.assert_close(rope_inv_freq(cfg), want.float(), rtol=1e-6, atol=0)
+    assert rope_attention_factor(cfg) == pytest.approx(want_factor, rel=1e-9)

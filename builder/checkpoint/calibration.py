@@ -31,6 +31,7 @@ from builder.config import Mapping, ModelConfig, QuantConfig
 from builder.errors import ConfigError
 from builder.layers.decoder import DecoderLayer, DecoderModel
 from builder.layers.linear import Linear
+from builder.layers.rotary import rope_attention_factor
 from builder.models import arch_spec
 from builder.models.spec import WeightSpec
 from builder.quantize.awq import awq_search
@@ -173,7 +174,7 @@ def calibrate(ckpt, cfg: ModelConfig, tokens: torch.Tensor, max_samples: int = M
             observed = replace(layer, **{row.runtime: _Observed(getattr(layer, row.runtime), acc[keys[row.relative]])
                                          for row in rows if row.is_linear_weight})
             result = LayerCalibration()
-            model.kv_observer = _kv_observer(result, cfg.head_size)
+            model.kv_observer = _kv_observer(result, cfg.head_size, rope_attention_factor(cfg))
             out, res = [], []
             for start in range(0, n, per_chunk):
                 count = min(per_chunk, n - start)
@@ -192,10 +193,12 @@ def calibrate(ckpt, cfg: ModelConfig, tokens: torch.Tensor, max_samples: int = M
     return Calibration(layers, n, seq_len)
 
 
-def _kv_observer(result: LayerCalibration, head_size: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    """The attention's K/V hook: K before RoPE (after any q/k norm) bounded for RoPE, V amax."""
+def _kv_observer(result: LayerCalibration, head_size: int,
+                 rope_factor: float) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """The attention's K/V hook: K before RoPE (after any q/k norm) bounded for RoPE (times the factor the rope
+    scaling puts on cos/sin: YaRN's), V amax."""
     def observe(k: torch.Tensor, v: torch.Tensor) -> None:
-        result.k_amax = max(result.k_amax, rope_safe_amax(k.reshape(k.shape[0], -1), head_size))
+        result.k_amax = max(result.k_amax, rope_safe_amax(k.reshape(k.shape[0], -1), head_size) * rope_factor)
         result.v_amax = max(result.v_amax, float(v.abs().max()) if v.numel() else 0.0)
     return observe
 

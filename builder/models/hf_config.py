@@ -18,7 +18,7 @@ REQUIRED_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attenti
 OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "sliding_window")  # absent or null: derived / unused
 ROPE_SIZES = ("original_max_position_embeddings",)
 ROPE_REQUIRED = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                                                   "original_max_position_embeddings")}
+                                                   "original_max_position_embeddings"), "yarn": ("factor",)}
 
 
 def hf_dtype(hf_config: dict[str, Any]) -> str | None:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from builder.config import Mapping, ModelConfig, QuantConfig
+from builder.errors import CheckpointError
+from builder.layers.rotary import SUPPORTED_SCALINGS
 from builder.models.hf_config import rope_scaling, rope_theta
 from builder.quantize.modes import validate_model_quantization
 
@@ -177,4 +179,9 @@ def base_model_config(hf_config: dict[str, Any], dtype: str, **overrides: Any) -
         quantization=QuantConfig(),
     )
     fields.update(overrides)
+    scaling = fields["rotary_scaling"] or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ("default", *SUPPORTED_SCALINGS):
+        raise CheckpointError(f"config.json: rope scaling {kind!r} is not supported yet (supported: "
+                              f"{', '.join(SUPPORTED_SCALINGS)}); use a checkpoint without it or with one of those")
     return ModelConfig(**fields)

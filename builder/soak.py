@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from builder.client import stream_text
 from builder.errors import BuilderError
@@ -166,7 +166,9 @@ def run_soak(url: str, metrics_url: str | None, options: SoakOptions) -> SoakRep
         settle(report, metrics_url)
     finished = [r for r in requests if r.index in texts]
     for request in random.Random(options.seed + 1).sample(finished, min(options.sample, len(finished))):
-        solo, _ = run_one(url, request, options)
+        # read to the end: a request planned for cancellation that finished first under load (its chunks came
+        # merged, fewer than cancel_after) is compared whole, not cut at cancel_after chunks
+        solo, _ = run_one(url, replace(request, cancel_after=None), options)
         loaded = texts[request.index]
         if solo != loaded:
             same = len(os.path.commonprefix([solo, loaded]))

@@ -206,3 +206,57 @@ def test_bad_requests_get_errors_and_server_keeps_serving(llama_server):
     good = run_stream(url, "ensemble", ensemble_inputs(text_input="still serving", max_tokens=8, stream=True))
     assert good.error is None and good.text
     _wait_kv_free(llama_server.metrics_port)
+
+
+TRTLLM_FAMILIES = {
+    "nv_trt_llm_request_metrics": ("request_type", ("active", "max", "scheduled", "context", "waiting")),
+    "nv_trt_llm_kv_cache_block_metrics": ("kv_cache_block_type", ("max", "free", "used", "tokens_per", "fraction")),
+    "nv_trt_llm_inflight_batcher_metrics": ("inflight_batcher_specific_metric",
+                                            ("micro_batch_id", "generation_requests", "total_context_tokens",
+                                             "paused_requests")),
+    "nv_trt_llm_general_metrics": ("general_type", ("iteration_counter", "timestamp")),
+}
+
+
+def _trtllm(metrics: dict[str, float]) -> dict[tuple[str, str], float]:
+    """{(family, label value): value} of the tensorrt_llm model's TensorRT-LLM gauge families."""
+    out = {}
+    for family, (key, values) in TRTLLM_FAMILIES.items():
+        for value in values:
+            found = [v for k, v in metrics.items() if k.startswith(family + "{") and f'{key}="{value}"' in k
+                     and 'model="tensorrt_llm"' in k]
+            assert len(found) == 1, f"{family}{{{key}={value}}}: {len(found)} series"
+            out[family, value] = found[0]
+    return out
+
+
+def test_tensorrt_llm_metric_families_under_load(llama_server):
+    """TensorRT-LLM's gauge families (the names dashboards, Dynamo and Kubernetes routers read) are on the metrics
+    port with sensible values: during a 32-stream load requests are active and scheduled, KV blocks are used (the
+    fraction in (0, 1]), iterations count up; afterwards nothing is active and every block is free."""
+    before = _trtllm(read_metrics(llama_server.metrics_port))
+    assert before["nv_trt_llm_request_metrics", "max"] == 64  # build_repo's max_batch_size
+    assert before["nv_trt_llm_kv_cache_block_metrics", "tokens_per"] == 32
+    requests = [dict(text_input=f"the server streams tokens from a paged cache, request {i}", max_tokens=48,
+                     stream=True) for i in range(32)]
+    load = threading.Thread(target=_concurrent, args=(llama_server.grpc_url, requests))
+    load.start()
+    seen = []
+    while load.is_alive():
+        seen.append(_trtllm(read_metrics(llama_server.metrics_port)))
+        time.sleep(0.05)
+    load.join()
+    assert max(m["nv_trt_llm_request_metrics", "active"] for m in seen) >= 8
+    assert max(m["nv_trt_llm_request_metrics", "scheduled"] for m in seen) >= 2
+    fractions = [m["nv_trt_llm_kv_cache_block_metrics", "fraction"] for m in seen]
+    assert all(0.0 <= f <= 1.0 for f in fractions) and max(fractions) > 0
+    for m in seen:
+        used, free, total = (m["nv_trt_llm_kv_cache_block_metrics", k] for k in ("used", "free", "max"))
+        assert used + free == total
+    _wait_kv_free(llama_server.metrics_port)
+    after = _trtllm(read_metrics(llama_server.metrics_port))
+    assert after["nv_trt_llm_general_metrics", "iteration_counter"] > before["nv_trt_llm_general_metrics",
+                                                                               "iteration_counter"]
+    assert after["nv_trt_llm_request_metrics", "active"] == 0
+    assert after["nv_trt_llm_kv_cache_block_metrics", "used"] == 0
+    assert after["nv_trt_llm_general_metrics", "timestamp"] > 1.7e9

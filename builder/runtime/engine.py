@@ -47,6 +47,12 @@ class EngineStats:
     preemptions: int = 0
     kv_blocks_total: int = 0
     kv_blocks_free: int = 0
+    # the last step and the queue now (TensorRT-LLM's per-iteration metrics)
+    last_step_seqs: int = 0              # sequences run in the last step
+    last_step_context_seqs: int = 0      # of them in prefill (prompt or recompute chunks)
+    last_step_context_tokens: int = 0    # prompt tokens computed in the last step
+    waiting: int = 0                     # requests queued, not yet admitted (preempted ones included)
+    running: int = 0                     # requests admitted (holding KV blocks)
 
 
 class LLMEngine:
@@ -126,6 +132,8 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         """A snapshot of the counters, with the current number of free KV blocks."""
         self._stats.kv_blocks_free = self.block_manager.num_free_blocks
+        self._stats.waiting = len(self.scheduler.waiting)
+        self._stats.running = len(self.scheduler.running)
         return EngineStats(**vars(self._stats))
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -338,6 +346,8 @@ class LLMEngine:
         s.prefill_tokens += prefill
         s.decode_tokens += decode
         s.max_seqs_in_step = max(s.max_seqs_in_step, num_seqs)
+        s.last_step_seqs, s.last_step_context_tokens = num_seqs, prefill
+        s.last_step_context_seqs = sum(1 for c in batch.chunks if c.is_prefill)
         s.multi_seq_steps += num_seqs > 1
         s.mixed_steps += prefill > 0 and decode > 0
 

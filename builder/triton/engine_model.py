@@ -71,6 +71,42 @@ METRICS: tuple[tuple[str, bool, str, Callable[[Any, int], float]], ...] = (
 )
 
 
+# TensorRT-LLM backend's gauge families (tensorrtllm_backend's custom metrics), which dashboards, Dynamo and
+# Kubernetes routers read by name: (family, help, label key, ((label value, value from (EngineStats, active
+# requests, engine limits)), ...)). docs/serving.md lists them.
+TRTLLM_METRICS: tuple[tuple[str, str, str, tuple[tuple[str, Callable[[Any, int, Any], float]], ...]], ...] = (
+    ("nv_trt_llm_request_metrics", "TRT LLM request metrics", "request_type", (
+        ("active", lambda s, a, e: a),
+        ("max", lambda s, a, e: e.max_batch_size),
+        ("scheduled", lambda s, a, e: s.last_step_seqs),
+        ("context", lambda s, a, e: s.last_step_context_seqs),
+        ("waiting", lambda s, a, e: s.waiting))),
+    ("nv_trt_llm_kv_cache_block_metrics", "TRT LLM KV cache block metrics", "kv_cache_block_type", (
+        ("max", lambda s, a, e: s.kv_blocks_total),
+        ("free", lambda s, a, e: s.kv_blocks_free),
+        ("used", lambda s, a, e: s.kv_blocks_total - s.kv_blocks_free),
+        ("tokens_per", lambda s, a, e: e.tokens_per_block),
+        ("fraction", lambda s, a, e: (s.kv_blocks_total - s.kv_blocks_free) / max(1, s.kv_blocks_total)))),
+    ("nv_trt_llm_inflight_batcher_metrics", "TRT LLM inflight_batcher-specific metrics",
+     "inflight_batcher_specific_metric", (
+        ("micro_batch_id", lambda s, a, e: 0),  # no pipeline parallelism: one micro batch
+        ("generation_requests", lambda s, a, e: s.last_step_seqs - s.last_step_context_seqs),
+        ("total_context_tokens", lambda s, a, e: s.last_step_context_tokens),
+        ("paused_requests", lambda s, a, e: 0))),
+    ("nv_trt_llm_general_metrics", "General TRT LLM metrics", "general_type", (
+        ("iteration_counter", lambda s, a, e: s.steps),
+        ("timestamp", lambda s, a, e: int(time.time())))),
+)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """The engine's fixed sizes that TensorRT-LLM's metrics report."""
+
+    max_batch_size: int
+    tokens_per_block: int
+
+
 @dataclass
 class NewRequest:
     """A parsed request on its way from execute() to the engine thread."""
@@ -116,27 +152,36 @@ class ActiveRequest:
 
 
 class EngineMetrics:
-    """Triton custom metrics mirroring EngineStats (families are kept referenced, or Triton drops them)."""
+    """Triton custom metrics mirroring EngineStats: builder's own (METRICS) and TensorRT-LLM's gauge families
+    (TRTLLM_METRICS). Families are kept referenced, or Triton drops them."""
 
-    def __init__(self, labels: dict[str, str]) -> None:
-        """Register one family and one labelled metric per METRICS entry."""
+    def __init__(self, labels: dict[str, str], limits: Any) -> None:
+        """Register one family and one labelled metric per METRICS entry, and TensorRT-LLM's families with one
+        metric per label value; limits holds max_batch_size and tokens_per_block (the engine's)."""
         self.families = []
-        self.metrics = []
-        for name, counter, description, _ in METRICS:
+        self.metrics = []  # (metric, counter?, value from (stats, active, limits))
+        for name, counter, description, value_of in METRICS:
             kind = pb_utils.MetricFamily.COUNTER if counter else pb_utils.MetricFamily.GAUGE
             family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
             self.families.append(family)
-            self.metrics.append(family.Metric(labels=labels))
-        self.last = [0.0] * len(METRICS)
+            self.metrics.append((family.Metric(labels=labels), counter,
+                                 lambda s, a, e, value_of=value_of: value_of(s, a)))
+        for name, description, key, values in TRTLLM_METRICS:
+            family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.GAUGE)
+            self.families.append(family)
+            for label, value_of in values:
+                self.metrics.append((family.Metric(labels={key: label, **labels}), False, value_of))
+        self.limits = limits
+        self.last = [None] * len(self.metrics)
 
     def update(self, stats: Any, active: int) -> None:
         """Push the values that changed since the last update."""
-        for i, (metric, (_, counter, _, value_of)) in enumerate(zip(self.metrics, METRICS)):
-            value = float(value_of(stats, active))
+        for i, (metric, counter, value_of) in enumerate(self.metrics):
+            value = float(value_of(stats, active, self.limits))
             if value == self.last[i]:
                 continue
             if counter:
-                metric.increment(value - self.last[i])
+                metric.increment(value - (self.last[i] or 0.0))
             else:
                 metric.set(value)
             self.last[i] = value
@@ -191,7 +236,9 @@ class TritonPythonModel:
         self.default_exclude = parse_bool(params.get("exclude_input_in_output"), False)
         self.engine = self.load_engine(Path(args["model_repository"]) / params.get("gpt_model_path", "1/engine"),
                                        params)
-        self.metrics = EngineMetrics({"model": args["model_name"], "version": args["model_version"]})
+        self.metrics = EngineMetrics({"model": args["model_name"], "version": args["model_version"]},
+                                     EngineLimits(self.engine.max_batch_size,
+                                                  self.engine.config.build.tokens_per_block))
         self.inbox: queue.Queue = queue.Queue()
         self.active: dict[str, Stream] = {}  # engine request id -> its stream (engine thread only)
         self.ids = itertools.count()

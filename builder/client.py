@@ -123,7 +123,13 @@ class _Stream:
         finished = False
         try:
             client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
-            client.async_stream_infer(model, inputs, request_id=uuid.uuid4().hex, enable_empty_final_response=True)
+            try:
+                client.async_stream_infer(model, inputs, request_id=uuid.uuid4().hex,
+                                          enable_empty_final_response=True)
+            except Exception as exc:  # noqa: BLE001  the stream broke before the request went out
+                finished = True
+                raise ServerError(f"the gRPC stream to {self.url} failed before the request was sent: "
+                                  f"{self._stream_error(exc)}") from exc
             while not finished:
                 result, error = self._next()
                 if error is not None:
@@ -134,6 +140,14 @@ class _Stream:
         finally:
             client.stop_stream(cancel_requests=not finished)
             client.close()
+
+    def _stream_error(self, exc: Exception) -> str:
+        """The stream's own error (tritonclient reports it through the callback), else exc's message."""
+        try:
+            _, error = self.responses.get(timeout=1.0)
+        except queue.Empty:
+            error = None
+        return str(error.message() if hasattr(error, "message") else error) if error is not None else str(exc)
 
     def _next(self) -> tuple[Any, Any]:
         """The next (result, error) pair; ServerError on timeout."""

@@ -18,6 +18,26 @@ ARCHITECTURES = tuple(REGISTRY)  # every registered architecture (builder.models
 VARIANTS = ("tiny-llama3.2",)
 
 
+UPSTREAM_BUG_ENV = "BUILDER_UPSTREAM_BUG_TESTS"
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "upstream_bug(why): fails intermittently on a known Triton defect; runs only "
+                            f"with {UPSTREAM_BUG_ENV}=1")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Skip (with the reason shown by -rs) the tests marked upstream_bug unless BUILDER_UPSTREAM_BUG_TESTS=1."""
+    import os
+
+    if os.environ.get(UPSTREAM_BUG_ENV) == "1":
+        return
+    for item in items:
+        marker = item.get_closest_marker("upstream_bug")
+        if marker is not None:
+            item.add_marker(pytest.mark.skip(reason=f"{marker.args[0]} (run with {UPSTREAM_BUG_ENV}=1)"))
+
+
 @dataclass
 class RunningServer:
     """A tritonserver started by a fixture, with what tests need to reach it."""

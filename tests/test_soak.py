@@ -30,6 +30,9 @@ def test_soak_streams_with_cancellations(llama_server, cancel_fraction):
     assert llama_server.alive_and_ready()
 
 
+@pytest.mark.upstream_bug("Triton 2.51's python backend crashes under concurrent BLS load (boost lock_exception, "
+                          "SIGSEGV, or a dead BLS stub; triton-inference-server/server#8882, open, still in 2.69): "
+                          "about 1 in 3 runs here, with this session's code and with 9e0f548's (docs/serving.md)")
 def test_soak_through_the_bls_with_cancellations(llama_server):
     """The same soak through tensorrt_llm_bls (its requests run on threads of their own and client cancellations
     reach the engine over the stop channel): no failure, the sample equals its solo run, the KV pool is full again."""
